@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DataConfig", "TrainConfig", "to_dict"]
+__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,38 @@ class TrainConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass."""
     return dataclasses.asdict(cfg)
+
+
+# A current desktop browser's User-Agent: many image hosts refuse or throttle clients that do not send one.
+_BROWSER_UA = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How images are downloaded: limits, politeness and retries. See `ursa.collect.download`."""
+
+    max_images: int | None = None  # most good images to keep per class, counting earlier runs (None: every URL)
+    concurrency: int = 64  # downloads in flight at once, over all hosts
+    per_host: int = 8  # downloads in flight at once to one host (scheme, name and port)
+    timeout: float = 10.0  # seconds to connect, and seconds allowed between two reads of a response
+    total_timeout: float = 30.0  # seconds allowed for a whole response, so a slow drip cannot hold a slot
+    retries: int = 2  # extra tries after a transient failure (connection reset, 429, 5xx); read timeouts are not retried
+    backoff: float = 0.5  # seconds before the first retry, doubled for each further retry (or the server's Retry-After, up to 30 s)
+    max_redirects: int = 5  # redirects followed per URL before it fails
+    max_bytes: int = 20 * 2**20  # largest response body kept, in bytes (20 MiB)
+    max_pixels: int = 89_478_485  # largest width x height accepted (Pillow's decompression-bomb limit)
+    user_agent: str = _BROWSER_UA  # User-Agent header sent with every request
+    retry_failed: bool = False  # also try again the URLs an earlier run recorded as failed
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How a dataset folder is checked and repaired. See `ursa.verify`."""
+
+    max_size: int | None = None  # longest side in pixels; larger images are shrunk to it (None: keep sizes)
+    max_pixels: int = 89_478_485  # largest width x height decoded; larger files are quarantined as decompression bombs
+    quality: int = 90  # JPEG/WebP quality (1-95) used when a repaired or shrunk image is written again
+    repair: bool = True  # fix orientation, colour mode and truncation; False: only report and quarantine

@@ -1,0 +1,535 @@
+"""A concurrent, resumable image downloader that accounts for every URL in `<root>/.ursa/manifest.csv`.
+
+Files go to `<root>/<class>/00000001.jpg`, `00000002.png`, ... (the extension comes from the bytes, not the
+URL). Each file is written to a temporary name and renamed, and identical content is stored once per class
+(by sha256). Every URL gets a manifest row with its status and reason; a failure never stops the run.
+
+Resuming: URLs that already have a row are not fetched again (failed ones are with `retry_failed`). Files
+written by a run that was killed before it saved its manifest are found by their sha256 and adopted by the
+URL that fetched them, so a re-run neither duplicates a file nor loses one.
+
+Politeness and safety: at most `concurrency` requests in flight, `per_host` per host; a browser-like
+User-Agent; connect and read timeouts plus a deadline for the whole response (slow drips); transient
+failures (connection resets, 429, 5xx) retried with exponential backoff; redirects followed up to a limit;
+bodies over `max_bytes` abandoned; content sniffed from the bytes, and images whose header claims more
+than `max_pixels` pixels (decompression bombs) refused without decoding them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import os
+import random
+import re
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+
+from ursa._io import atomic_write_bytes, sha256_file
+from ursa.collect.manifest import META_DIR, Manifest
+from ursa.collect.urls import UrlList
+from ursa.config import CollectConfig
+from ursa.errors import CollectError
+
+__all__ = [
+    "Job",
+    "Progress",
+    "DownloadReport",
+    "download",
+    "jobs_from_list",
+    "jobs_from_search",
+    "split_dest",
+    "sniff_image",
+    "NotAnImage",
+]
+
+# Formats kept, by what Pillow calls them, and the extension their files get.
+_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
+               "TIFF": ".tif", "AVIF": ".avif"}  # fmt: skip
+_NUMBERED = re.compile(r"^(\d{8})(?:\.|$)")
+# Our own temporary files (see ursa._io.atomic_write_bytes) left by a run that was killed mid-write.
+_STALE_TMP = re.compile(r"^\.\d{8}\.[a-z]+\..*\.tmp$")
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
+_SAVE_EVERY_S = 2.0  # seconds between manifest snapshots during a run
+
+
+@dataclass(frozen=True)
+class Job:
+    """One URL to fetch for one class, with its provenance (`query`, `source`) for the manifest."""
+
+    url: str
+    cls: str
+    query: str = ""
+    source: str = ""
+
+
+@dataclass
+class Progress:
+    """Running counts of a download. `skipped` counts URLs an earlier run already settled."""
+
+    total: int = 0
+    ok: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    skipped: int = 0
+    not_tried: int = 0  # left over once a class reached `max_images`
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.duplicate + self.failed + self.skipped + self.not_tried
+
+
+@dataclass
+class DownloadReport:
+    """What a download did, for people and tests. `reasons` counts failures by kind ('http 404', 'timeout', ...)."""
+
+    root: Path
+    manifest: Path
+    progress: Progress
+    per_class: dict[str, Counter[str]] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+class NotAnImage(Exception):
+    """Raised by `sniff_image` with a short reason; becomes a `failed` manifest row, never reaches a user."""
+
+
+class _Fail(Exception):
+    """A failed fetch: `reason` for the manifest; `transient` failures are retried."""
+
+    def __init__(self, reason: str, *, transient: bool = False, status: int | None = None, wait: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+        self.status = status
+        self.wait = wait
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def sniff_image(data: bytes, *, max_pixels: int = 89_478_485) -> tuple[str, int, int]:
+    """(extension, width, height) of an image given its bytes; reads only the header, never decodes pixels.
+
+    Raises `NotAnImage` with a reason for empty bodies, HTML or other text, unknown formats, and headers
+    claiming more than `max_pixels` pixels (decompression bombs).
+    """
+    if not data:
+        raise NotAnImage("empty: the server sent 0 bytes")
+    head = data[:64]
+    known = (
+        head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*"))
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"))
+    )
+    if not known:
+        text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<script", b"<meta")):
+            raise NotAnImage("not an image: an HTML page")
+        if text.startswith((b"<?xml", b"<svg")):
+            raise NotAnImage("not an image: XML or SVG (vector drawings are not supported)")
+        if text.startswith((b"{", b"[")):
+            raise NotAnImage("not an image: JSON")
+        raise NotAnImage(f"not an image: unknown format starting {head[:8]!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (w, h) = img.format or "", img.size
+    except Image.DecompressionBombError as exc:
+        raise NotAnImage(f"decompression bomb: the header claims over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise NotAnImage(f"not an image: unreadable header ({exc})") from exc
+    if w * h > max_pixels:
+        raise NotAnImage(f"decompression bomb: {w}x{h} pixels is over the limit of {max_pixels:,}")
+    ext = _EXTENSIONS.get(fmt)
+    if ext is None:
+        raise NotAnImage(f"not an image: unsupported format {fmt}")
+    return ext, w, h
+
+
+def split_dest(dest: str | os.PathLike[str]) -> tuple[Path, str]:
+    """(dataset root, class name) of a class folder: data/bears/teddy -> (data/bears, 'teddy')."""
+    dest = Path(dest)
+    cls = dest.absolute().name
+    if not cls or cls.startswith("."):
+        raise CollectError(f"--dest {str(dest)!r} does not name a class folder. Use --dest <root>/<class>, e.g. data/bears/teddy.")
+    return dest.parent, cls
+
+
+def jobs_from_list(url_list: UrlList, cls: str, *, query: str = "") -> list[Job]:
+    """Jobs for every URL of a list, plus one per non-http line so the manifest records it as skipped."""
+    lines = [*url_list.urls, *url_list.not_urls]
+    return [Job(url=u, cls=cls, query=query, source=url_list.source) for u in lines]
+
+
+def _is_http(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return min(float(value.strip()), 30.0)
+    return None
+
+
+@dataclass
+class _ClassStore:
+    """A class folder's state during a run: the next file number and where each sha256 is stored."""
+
+    cls: str
+    folder: Path
+    next_number: int = 1
+    by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> file relative to the root
+    orphans: set[str] = field(default_factory=set)  # files on disk no manifest row points to
+    ok: int = 0  # ok rows, earlier runs included (for max_images)
+    inflight: int = 0
+
+
+def _prepare_store(root: Path, cls: str, manifest: Manifest) -> _ClassStore:
+    folder = root / cls
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = atomic_write_bytes(folder / ".ursa-write-test", b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CollectError(
+            f"Cannot write to {str(folder)!r}: {exc.strerror or exc}. Choose a --dest folder you can write to."
+        ) from exc
+    store = _ClassStore(cls=cls, folder=folder)
+    numbers = [0]
+    referenced: set[str] = set()
+    for row in manifest.rows.values():
+        if row["class"] != cls or not row["file"]:
+            continue
+        referenced.add(row["file"])
+        if m := _NUMBERED.match(Path(row["file"]).name):
+            numbers.append(int(m.group(1)))
+        if row["status"] in ("ok", "duplicate") and row["sha256"] and (root / row["file"]).is_file():
+            store.by_sha.setdefault(row["sha256"], row["file"])
+        store.ok += row["status"] == "ok"
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _STALE_TMP.match(entry.name) and entry.is_file():
+            Path(entry.path).unlink(missing_ok=True)  # our own half-written temp file, never a user's
+            continue
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        if m := _NUMBERED.match(entry.name):
+            numbers.append(int(m.group(1)))
+        rel = f"{cls}/{entry.name}"
+        if rel not in referenced:
+            store.orphans.add(rel)
+            store.by_sha.setdefault(sha256_file(entry.path), rel)
+    store.next_number = max(numbers) + 1
+    return store
+
+
+class _Downloader:
+    """One run: a queue per class, `concurrency` worker tasks, a semaphore per host."""
+
+    def __init__(self, root: Path, manifest: Manifest, cfg: CollectConfig,
+                 on_progress: Callable[[Progress], None] | None) -> None:  # fmt: skip
+        self.root = root
+        self.manifest = manifest
+        self.cfg = cfg
+        self.on_progress = on_progress
+        self.progress = Progress()
+        self.report = DownloadReport(root=root, manifest=manifest.path, progress=self.progress)
+        self.queues: dict[str, deque[Job]] = {}
+        self.stores: dict[str, _ClassStore] = {}
+        self.hosts: dict[str, asyncio.Semaphore] = {}
+        self.last_save = time.monotonic()
+        self.cond = asyncio.Condition()  # binds to the running loop on first use
+
+    # -- bookkeeping, all on the event loop thread --------------------------------------------------
+    def plan(self, jobs: Iterable[Job]) -> None:
+        """Sort jobs into 'already settled' (skipped), 'not a URL' (a skipped row now) and 'to fetch'."""
+        by_class: dict[str, list[Job]] = {}
+        seen: set[tuple[str, str]] = set()
+        for job in jobs:
+            if (job.cls, job.url) in seen:
+                continue
+            seen.add((job.cls, job.url))
+            self.progress.total += 1
+            if job.cls not in self.stores:
+                self.stores[job.cls] = _prepare_store(self.root, job.cls, self.manifest)
+                self.report.per_class[job.cls] = Counter()
+            row = self.manifest.get(job.cls, job.url)
+            if row is not None and not (row["status"] == "failed" and self.cfg.retry_failed):
+                self._count(job.cls, "skipped")
+            elif not _is_http(job.url):
+                self._row(job, status="skipped", reason="not an http(s) URL")
+                self._count(job.cls, "skipped")
+            else:
+                by_class.setdefault(job.cls, []).append(job)
+        for cls, items in by_class.items():
+            self.queues[cls] = _interleave_by_host(items)
+
+    def _count(self, cls: str, what: str) -> None:
+        setattr(self.progress, what, getattr(self.progress, what) + 1)
+        self.report.per_class[cls][what] += 1
+
+    def _row(self, job: Job, **values: object) -> None:
+        self.manifest.put({"class": job.cls, "url": job.url, "query": job.query, "source": job.source,
+                           "time": _now(), **values})  # fmt: skip
+
+    def _take(self) -> Job | None:
+        limit = self.cfg.max_images
+        for cls, queue in self.queues.items():
+            if not queue:
+                continue
+            store = self.stores[cls]
+            if limit is not None and store.ok >= limit:
+                for _ in range(len(queue)):
+                    self._count(cls, "not_tried")
+                queue.clear()
+                continue
+            if limit is None or store.ok + store.inflight < limit:
+                store.inflight += 1
+                return queue.popleft()
+        return None
+
+    def _notify(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+        if time.monotonic() - self.last_save > _SAVE_EVERY_S:
+            self.last_save = time.monotonic()
+            with contextlib.suppress(OSError):  # a snapshot only; the final save reports the problem
+                self.manifest.save()
+
+    # -- the run --------------------------------------------------------------------------------------
+    async def run(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        cfg = self.cfg
+        headers = {
+            "User-Agent": cfg.user_agent,
+            "Accept": "image/avif,image/webp,image/apng,image/*,*/*;q=0.8",
+            "Accept-Language": "en-US,en;q=0.9",
+        }
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        timeout = httpx.Timeout(cfg.timeout, pool=None)
+        self._notify()
+        pending = sum(len(q) for q in self.queues.values())
+        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout, follow_redirects=True,
+                                     max_redirects=cfg.max_redirects, transport=transport) as client:  # fmt: skip
+            workers = [asyncio.create_task(self._worker(client)) for _ in range(min(cfg.concurrency, pending))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+
+    async def _worker(self, client: httpx.AsyncClient) -> None:
+        while True:
+            async with self.cond:
+                job = self._take()
+                while job is None and any(self.queues.values()):
+                    await self.cond.wait()
+                    job = self._take()
+            if job is None:
+                return
+            store = self.stores[job.cls]
+            try:
+                await self._one(client, job, store)
+            finally:
+                store.inflight -= 1
+                async with self.cond:
+                    self.cond.notify_all()
+            self._notify()
+
+    async def _one(self, client: httpx.AsyncClient, job: Job, store: _ClassStore) -> None:
+        host = self.hosts.setdefault(_origin(job.url), asyncio.Semaphore(self.cfg.per_host))
+        attempts, status = 0, None
+        while True:
+            attempts += 1
+            try:
+                async with host:
+                    status, body = await self._get(client, job.url)
+                ext, w, h = _sniff(body, self.cfg.max_pixels)
+                break
+            except _Fail as fail:
+                status = fail.status or status
+                if fail.transient and attempts <= self.cfg.retries:
+                    delay = fail.wait if fail.wait is not None else self.cfg.backoff * 2 ** (attempts - 1)
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    continue
+                self._fail(job, fail.reason, attempts=attempts, status=status)
+                return
+        await self._store(job, store, body, ext, attempts=attempts, status=status)
+
+    async def _get(self, client: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
+        cfg = self.cfg
+        try:
+            return await asyncio.wait_for(self._stream(client, url), cfg.total_timeout)
+        except asyncio.TimeoutError as exc:
+            raise _Fail(f"timeout: the response took longer than {cfg.total_timeout:g} s") from exc
+        except httpx.ConnectTimeout as exc:
+            raise _Fail(f"timeout: could not connect within {cfg.timeout:g} s", transient=True) from exc
+        except httpx.TimeoutException as exc:
+            raise _Fail(f"timeout: no data for {cfg.timeout:g} s") from exc
+        except httpx.TooManyRedirects as exc:
+            raise _Fail(f"redirects: more than {cfg.max_redirects} (a redirect loop?)") from exc
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise _Fail(f"bad url: {exc}") from exc
+        except httpx.RemoteProtocolError as exc:
+            raise _Fail(f"connection: closed before the whole response arrived ({exc})", transient=True) from exc
+        except httpx.ConnectError as exc:
+            raise _Fail(f"connection: cannot connect ({exc})", transient=True) from exc
+        except httpx.TransportError as exc:
+            raise _Fail(f"connection: {exc or type(exc).__name__}", transient=True) from exc
+
+    async def _stream(self, client: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
+        limit = self.cfg.max_bytes
+        async with client.stream("GET", url) as resp:
+            status = resp.status_code
+            if status >= 300:
+                raise _Fail(f"http {status}: {resp.reason_phrase}".rstrip(": "), status=status,
+                            transient=status in _TRANSIENT_STATUS, wait=_retry_after(resp.headers.get("retry-after")))  # fmt: skip
+            length = resp.headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise _Fail(f"too large: {_mib(int(length))} is over the limit of {_mib(limit)}", status=status)
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise _Fail(f"too large: more than the limit of {_mib(limit)}", status=status)
+                chunks.append(chunk)
+            return status, b"".join(chunks)
+
+    async def _store(self, job: Job, store: _ClassStore, body: bytes, ext: str, *, attempts: int, status: int) -> None:
+        sha = hashlib.sha256(body).hexdigest()
+        common = {"sha256": sha, "bytes": len(body), "attempts": attempts, "http_status": status}
+        existing = store.by_sha.get(sha)
+        if existing is not None and existing in store.orphans:
+            store.orphans.discard(existing)  # a file an interrupted run wrote for this URL, or the user's own
+            self._row(job, status="ok", reason="adopted a file already in the folder", file=existing, **common)
+            store.ok += 1
+            self._count(job.cls, "ok")
+            return
+        if existing is not None:
+            self._row(job, status="duplicate", reason=f"same bytes as {existing}", file=existing, **common)
+            self._count(job.cls, "duplicate")
+            return
+        rel = f"{job.cls}/{store.next_number:08d}{ext}"
+        store.next_number += 1
+        store.by_sha[sha] = rel  # claimed before the write, so a copy arriving meanwhile is a duplicate
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, atomic_write_bytes, self.root / rel, body)
+        except OSError as exc:
+            del store.by_sha[sha]
+            self._fail(job, f"write: cannot write {rel}: {exc.strerror or exc}", attempts=attempts, status=status)
+            return
+        self._row(job, status="ok", file=rel, **common)
+        store.ok += 1
+        self._count(job.cls, "ok")
+
+    def _fail(self, job: Job, reason: str, *, attempts: int, status: int | None) -> None:
+        self._row(job, status="failed", reason=reason, attempts=attempts, http_status=status)
+        self._count(job.cls, "failed")
+        self.report.reasons[reason.split(":", 1)[0]] += 1
+
+
+def _sniff(body: bytes, max_pixels: int) -> tuple[str, int, int]:
+    try:
+        return sniff_image(body, max_pixels=max_pixels)
+    except NotAnImage as exc:
+        raise _Fail(str(exc)) from exc
+
+
+def _interleave_by_host(jobs: Sequence[Job]) -> deque[Job]:
+    """Round-robin over hosts, keeping list order within each host, so one big host does not stall the others."""
+    per_host: dict[str, deque[Job]] = {}
+    for job in jobs:
+        per_host.setdefault(_origin(job.url), deque()).append(job)
+    out: deque[Job] = deque()
+    queues = list(per_host.values())
+    while queues:
+        for q in queues:
+            out.append(q.popleft())
+        queues = [q for q in queues if q]
+    return out
+
+
+def _run_coroutine(make: Callable[[], object]) -> None:
+    """asyncio.run, also from inside a running loop (Jupyter), where it runs on a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(make())  # type: ignore[arg-type]
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, make()).result()  # type: ignore[arg-type]
+
+
+def download(
+    jobs: Iterable[Job],
+    root: str | os.PathLike[str],
+    *,
+    config: CollectConfig = CollectConfig(),
+    on_progress: Callable[[Progress], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> DownloadReport:
+    """Fetch every job's URL into `<root>/<job.cls>/` and record it in `<root>/.ursa/manifest.csv`.
+
+    `on_progress` is called with the running counts after each URL (it may raise KeyboardInterrupt to stop:
+    the manifest is saved and a re-run resumes). `transport` replaces httpx's network transport (tests).
+    Raises `CollectError` when the root or a class folder cannot be written; every per-URL problem becomes
+    a manifest row instead.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CollectError(f"--dest {str(root)!r} is a file, not a folder. Choose a folder for the dataset.")
+    try:
+        (root / META_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CollectError(f"Cannot create {str(root / META_DIR)!r}: {exc.strerror or exc}. Choose a --dest folder you can write to.") from exc
+    manifest = Manifest.load(root)
+    run = _Downloader(root, manifest, config, on_progress)
+    start = time.perf_counter()
+    try:
+        run.plan(jobs)
+        if any(run.queues.values()):
+            _run_coroutine(lambda: run.run(transport))
+    except BaseException:
+        with contextlib.suppress(OSError):  # keep what was done (Ctrl-C included) so a re-run resumes
+            manifest.save()
+        raise
+    run.report.seconds = time.perf_counter() - start
+    try:
+        manifest.save()
+    except OSError as exc:
+        raise CollectError(f"Cannot write the manifest {str(manifest.path)!r}: {exc.strerror or exc}. Free disk space or fix permissions, then re-run to resume.") from exc
+    if on_progress is not None:
+        on_progress(run.progress)
+    return run.report
+
+
+def jobs_from_search(results: Iterable[object], cls: str, *, query: str) -> list[Job]:
+    """Jobs for search results (anything with `.url` and `.source`, such as `SearchResult`), keeping provenance."""
+    return [Job(url=str(getattr(r, "url")), cls=cls, query=query, source=str(getattr(r, "source", "") or "")) for r in results]
