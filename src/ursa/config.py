@@ -34,10 +34,11 @@ class TrainConfig:
     weights: str | None = None  # weights file (.safetensors or .pth state dict) for a non-packaged backbone
     epochs: int = 12  # epochs of head training on the feature cache
     lr: float | None = None  # peak learning rate of the head stage; None: the recipe's default
-    views: int = 4  # augmented views per training image in the feature cache (plus the plain view)
+    views: int = 8  # most augmented views per training image in the feature cache (small sets get more)
     tune_blocks: int = 1  # last backbone stages trained on cached activations (0: a linear head only)
     fine_tune: int = 0  # epochs of full fine-tuning after the cached stage (unfrozen, discriminative lrs)
     fine_tune_lr: float = 1e-3  # peak learning rate of the last layer group in full fine-tuning
+    size: int | None = None  # input side in pixels; None: the backbone's own (224 for EfficientNet-Lite0)
     batch_size: int = 64  # images per batch for feature extraction and fine-tuning
     threads: int | None = None  # torch CPU threads; None: all cores
     tta: bool = True  # average plain and flipped views when evaluating (only with DataConfig.flip)

@@ -21,7 +21,7 @@ from ursa.config import DataConfig
 from ursa.data.items import Item, ItemSet, Skipped, find_split_folders, read_labels_csv, scan_class_folders
 from ursa.errors import DataError
 
-__all__ = ["Split", "split_items", "build_split", "save_split", "load_split", "content_groups"]
+__all__ = ["Split", "split_items", "build_split", "save_split", "load_split", "content_groups", "dataset_sizes"]
 
 
 @dataclass
@@ -204,3 +204,22 @@ def load_split(path: str | Path, *, root: str | Path | None = None) -> Split:
         seed=int(data.get("seed", 42)),
         valid_pct=float(data.get("valid_pct", 0.2)),
     )
+
+
+def dataset_sizes(split: Split) -> dict[str, object]:
+    """Image sizes (from headers): min / median / max as 'WxH' by area, and the colour modes seen."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sizes: list[tuple[int, int]] = []
+    modes: Counter[str] = Counter()
+    for it in [*split.train, *split.valid]:
+        with Image.open(split.root / it.name) as im:
+            sizes.append(im.size)
+            modes[im.mode] += 1
+    if not sizes:
+        return {"min": "-", "median": "-", "max": "-", "n_modes": "no images"}
+    by_area = sorted(sizes, key=lambda s: (s[0] * s[1], s))
+    fmt = lambda s: f"{s[0]}x{s[1]}"  # noqa: E731
+    return {"min": fmt(by_area[0]), "median": fmt(by_area[len(by_area) // 2]), "max": fmt(by_area[-1]), "n_modes": "modes " + ", ".join(f"{m} {n}" for m, n in modes.most_common())}

@@ -1,0 +1,94 @@
+"""Image decoding and the train / eval transforms, built from the model's own data config.
+
+The model defines its preprocessing (`timm.data.resolve_model_data_config`): input size, mean, std,
+crop fraction and interpolation. Nothing here copies those constants.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+__all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
+
+_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+
+
+def input_size(data_config: dict[str, Any]) -> int:
+    """Square input side in pixels (the model's `input_size` is (C, H, W))."""
+    return int(data_config["input_size"][-1])
+
+
+def open_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
+    """Decode `path` as an RGB PIL image, upright per its EXIF orientation.
+
+    For JPEGs larger than needed, `min_side` lets the decoder downscale by 1/2, 1/4 or 1/8 while
+    decoding (several times faster on phone photos) without going below `min_side` pixels.
+    """
+    im = Image.open(path)
+    if min_side is not None and im.format == "JPEG":
+        w, h = im.size
+        scale = min(w, h) / min_side
+        if scale >= 2:
+            im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+    im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+    return im
+
+
+def _normalize(data_config: dict[str, Any]) -> list[Any]:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(data_config["mean"]), std=list(data_config["std"]))]
+
+
+def eval_transform(data_config: dict[str, Any], *, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32."""
+    size = size or input_size(data_config)
+    crop_pct = float(data_config.get("crop_pct", 0.875))
+    interp = _INTERP.get(str(data_config.get("interpolation", "bicubic")), InterpolationMode.BICUBIC)
+    return T.Compose([T.Resize(int(math.floor(size / crop_pct)), interpolation=interp, antialias=True), T.CenterCrop(size), *_normalize(data_config)])
+
+
+def train_transform(
+    data_config: dict[str, Any],
+    *,
+    size: int | None = None,
+    flip: bool = True,
+    scale: tuple[float, float] = (0.35, 1.0),
+    jitter: float = 0.2,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop (area `scale`, aspect 3/4..4/3), optional horizontal flip, colour jitter, normalize.
+
+    Randomness comes from torch's global generator; callers that need reproducible views seed it
+    (see `ursa.train.features`).
+    """
+    size = size or input_size(data_config)
+    interp = _INTERP.get(str(data_config.get("interpolation", "bicubic")), InterpolationMode.BICUBIC)
+    steps: list[Any] = [T.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True)]
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if jitter > 0:
+        steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    return T.Compose([*steps, *_normalize(data_config)])
+
+
+def flip_view(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal mirror of a (..., H, W) batch (the test-time-augmentation view)."""
+    return torch.flip(x, dims=[-1])
+
+
+def denormalize(x: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
+    """Undo `Normalize` for display: (..., 3, H, W) -> values in [0, 1]."""
+    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)

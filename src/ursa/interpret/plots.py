@@ -1,0 +1,103 @@
+"""Every plot Ursa draws. The only module that imports matplotlib.
+
+Each function returns the Figure (Jupyter shows it inline) and, given `out`, also writes a PNG and
+closes the figure so long runs do not pile figures up in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widget", "ipympl")):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_losses", "plot_lr_find", "image_grid", "finish"]
+
+
+def finish(fig: Any, out: str | Path | None) -> Any:
+    """Save `fig` to `out` (PNG, atomic) and close it; return the figure."""
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        tmp.replace(out)
+        plt.close(fig)
+    return fig
+
+
+def plot_losses(batch_losses: Sequence[float], rows: Sequence[dict[str, Any]], *, out: str | Path | None = None) -> Any:
+    """Training loss per batch (light) and its running mean, validation loss and error rate per epoch."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    b = np.asarray(batch_losses, float)
+    if len(b):
+        per_epoch = len(b) / max(1, len(rows))
+        x = np.arange(1, len(b) + 1) / per_epoch
+        ax.plot(x, b, color="tab:blue", alpha=0.25, lw=0.8)
+        k = max(1, int(per_epoch))
+        run = np.convolve(b, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1 :], run, color="tab:blue", label="train loss")
+    if rows:
+        ep = np.arange(1, len(rows) + 1)
+        ax.plot(ep, [r.get("valid_loss", np.nan) for r in rows], "o-", color="tab:orange", label="valid loss")
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r.get("error_rate", np.nan) for r in rows], "s--", color="tab:green", label="error rate", ms=4)
+        ax2.set_ylabel("error rate")
+        ax2.set_ylim(bottom=0)
+        stages = [r.get("stage") for r in rows]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(i + 0.5, color="grey", ls=":", lw=1)
+                ax.text(i + 0.6, ax.get_ylim()[1] * 0.95, str(stages[i]), fontsize=8, color="grey", va="top")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (cross-entropy)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    return finish(fig, out)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: Any, *, out: str | Path | None = None) -> Any:
+    """Smoothed loss against learning rate (log x axis), with the suggested learning rates marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss (smoothed)")
+    lrs_a, l = np.asarray(lrs), np.asarray(losses)
+    for name, color, marker in (("valley", "tab:red", "o"), ("steep", "tab:green", "^"), ("minimum", "tab:purple", "v")):
+        lr = getattr(suggestion, name)
+        y = float(np.interp(np.log10(lr), np.log10(lrs_a), l))
+        ax.plot([lr], [y], marker=marker, color=color, ms=9, ls="none", label=f"{name}: {lr:.1e}")
+    lo, hi = float(np.min(l)), float(np.percentile(l, 90))
+    ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+    ax.legend(title="suggested (valley is the default)")
+    ax.set_title("Learning rate finder")
+    ax.grid(alpha=0.3, which="both")
+    return finish(fig, out)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: int | None = None, suptitle: str | None = None, title_colors: Sequence[str] | None = None, out: str | Path | None = None) -> Any:
+    """Images (H, W, 3) in [0, 1] or uint8 in a grid, one title each."""
+    n = len(images)
+    ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n))))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            ax.set_title(titles[i], fontsize=9, color=(title_colors[i] if title_colors else "black"))
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return finish(fig, out)

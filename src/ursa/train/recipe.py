@@ -1,0 +1,335 @@
+"""The default training recipe, CPU-fast: cached backbone features -> head, then optional fine-tuning.
+
+1. Split the dataset (seeded) and write `split.json`.
+2. Compute backbone features once per image and view (cached on disk; see `features.py`). Small
+   datasets get several augmented views per image, up to `view_budget` cached training samples, so
+   a 10-shot set trains on ~10x more variety at the cost of one forward pass per view.
+3. Train the head on the cache with one-cycle (milliseconds per epoch). Evaluate with the plain and
+   mirrored view averaged (test-time augmentation) when flips are allowed.
+4. Optionally (`fine_tune` > 0) fine-tune the whole network on images with discriminative learning rates.
+5. Write the run folder: config.json, split.json, history.csv, metrics.json, losses.png,
+   predictions.csv and models/model.safetensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ursa._io import atomic_write_bytes, atomic_write_json
+from ursa.config import DataConfig, TrainConfig, to_dict
+from ursa.data.split import Split, build_split, save_split
+from ursa.errors import TrainError
+from ursa.models import Backbone, create_backbone
+from ursa.train.features import MIRROR, PLAIN, FeatureCache, cache_dir_for
+from ursa.train.learner import Head, Learner, body_groups
+from ursa.train.metrics import accuracy, error_rate
+
+__all__ = ["RunResult", "train_run", "head_learner", "prepare_backbone", "views_for", "next_free_dir", "FeatureData", "cached_features"]
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its folder, final metrics and the trained model."""
+
+    out: Path
+    metrics: dict[str, Any]
+    model: nn.Module
+    classes: list[str]
+    split: Split
+    backbone: Backbone
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def views_for(n_train: int, *, max_views: int, budget: int, flip: bool) -> list[int]:
+    """Cached views for training: plain, then mirrored (if flips allowed), then augmented views, while
+    n_train * len(views) stays within `budget` (at least the plain view)."""
+    pool = [PLAIN] + ([MIRROR] if flip else []) + list(range(2, 2 + max_views))
+    n = max(1, min(len(pool), budget // max(1, n_train)))
+    return pool[:n]
+
+
+def next_free_dir(out: Path) -> Path:
+    """`out` if it is absent or empty, else `out-2`, `out-3`, ...: a run never overwrites another."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    i = 2
+    while True:
+        cand = out.with_name(f"{out.name}-{i}")
+        if not cand.exists():
+            return cand
+        i += 1
+
+
+@dataclass
+class FeatureData:
+    """Cached features of a split: training samples (all views stacked) and validation views."""
+
+    x_train: torch.Tensor  # (n_train * views, d) float32
+    y_train: torch.Tensor  # (n_train * views,) int64
+    train_names: list[str]
+    x_valid: list[torch.Tensor]  # one (n_valid, d) tensor per evaluation view
+    y_valid: torch.Tensor
+    valid_names: list[str]
+    failed: list[Any]
+    views: list[int]
+
+
+def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg: DataConfig, *, progress: Callable[[str, int, int], None] | None = None) -> FeatureData:
+    """Features for every training view and the evaluation views of the validation set (cached on disk)."""
+    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed)
+    views = views_for(len(split.train), max_views=cfg.views, budget=int(cfg.extra.get("view_budget", 1500)), flip=data_cfg.flip)
+    eval_views = [PLAIN, MIRROR] if (cfg.tta and data_cfg.flip) else [PLAIN]
+    kw = dict(batch_size=cfg.batch_size, num_workers=int(cfg.extra.get("num_workers", 0)))
+    failed: dict[str, Any] = {}
+
+    def get(names: list[str], view: int, label: str) -> Any:
+        cb = (lambda d, t: progress(label, d, t)) if progress else None
+        fs = cache.get(split.root, names, view, progress=cb, **kw)
+        failed.update({s.name: s for s in fs.failed})
+        return fs
+
+    va_names = [it.name for it in split.valid]
+    va_sets = [get(va_names, v, f"features valid view {v}") for v in eval_views]
+    tr_names = [it.name for it in split.train]
+    tr_sets = [get(tr_names, v, f"features train view {v}") for v in views]
+    bad = set(failed)
+    label = {it.name: it.label for it in [*split.train, *split.valid]}
+    index = {c: i for i, c in enumerate(split.classes)}
+
+    def stack(fs_list: list[Any], names: list[str]) -> list[torch.Tensor]:
+        keep = [n for n in names if n not in bad]
+        out = []
+        for fs in fs_list:
+            row = {n: i for i, n in enumerate(fs.names)}
+            out.append(torch.from_numpy(fs.feats[[row[n] for n in keep]]))
+        return out
+
+    tr_keep = [n for n in tr_names if n not in bad]
+    va_keep = [n for n in va_names if n not in bad]
+    xs = stack(tr_sets, tr_names)
+    y_tr = torch.tensor([index[label[n]] for n in tr_keep], dtype=torch.long)
+    return FeatureData(
+        x_train=torch.cat(xs),
+        y_train=y_tr.repeat(len(xs)),
+        train_names=tr_keep,
+        x_valid=stack(va_sets, va_names),
+        y_valid=torch.tensor([index[label[n]] for n in va_keep], dtype=torch.long),
+        valid_names=va_keep,
+        failed=list(failed.values()),
+        views=views,
+    )
+
+
+def prepare_backbone(train: TrainConfig, backbone: Backbone | None = None) -> Backbone:
+    """The backbone of `train` (or the one given), with its input side set to `train.size` when given."""
+    from dataclasses import replace
+
+    bb = backbone or create_backbone(train.arch, weights=train.weights)
+    if train.size:
+        if train.size < 32:
+            raise TrainError(f"--size {train.size} is too small; use at least 32 pixels (the default is the backbone's own).")
+        bb = replace(bb, data_config={**bb.data_config, "input_size": (3, train.size, train.size)})
+    return bb
+
+
+def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), *, progress: bool = True, console: Any = None) -> Learner:
+    """A Learner for the head stage on cached features (for lr_find or custom schedules); nothing written."""
+    split = build_split(root, data)
+    backbone = prepare_backbone(train)
+    bar = _FeatureProgress(enabled=progress, console=console)
+    fd = cached_features(split, backbone, train, data, progress=bar.update)
+    bar.close()
+    return _make_head_learner(fd, split, backbone, train, data, Path("."), progress)
+
+
+def _make_head_learner(fd: "FeatureData", split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> Learner:
+    gen = torch.Generator().manual_seed(data.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.seed)
+        head = Head(backbone.num_features, len(split.classes), dropout=float(train.extra.get("dropout", 0.25)))
+    bs = int(train.extra.get("head_bs", 64))
+    train_dl = DataLoader(TensorDataset(fd.x_train, fd.y_train), batch_size=bs, shuffle=True, generator=gen, drop_last=len(fd.y_train) > bs)
+    valid_dl = DataLoader(TensorDataset(fd.x_valid[0], fd.y_valid), batch_size=512)
+    return Learner(head, train_dl, valid_dl, classes=split.classes, path=out, progress=progress, stage="head", wd=float(train.extra.get("wd", 0.01)), label_smoothing=float(train.extra.get("label_smoothing", 0.1)))
+
+
+def _tta_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.inference_mode():
+        return torch.stack([model(v).softmax(-1) for v in views]).mean(0)
+
+
+def _write_predictions(path: Path, names: list[str], y: torch.Tensor, probs: torch.Tensor, classes: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["name", "label", "pred", "prob", *[f"p_{c}" for c in classes]])
+    for n, t, p in zip(names, y.tolist(), probs.tolist()):
+        k = int(np.argmax(p))
+        w.writerow([n, classes[t], classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def train_run(
+    root: str | Path,
+    out: str | Path,
+    *,
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    console: Any = None,
+    backbone: Backbone | None = None,
+) -> RunResult:
+    """Train with the default recipe and write the run folder. Everything that can fail on bad input
+    (dataset, weights) is checked before the run folder is created."""
+    t0 = time.perf_counter()
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    split = build_split(root, data)
+    backbone = prepare_backbone(train, backbone)
+    out = next_free_dir(Path(out))
+    out.mkdir(parents=True, exist_ok=True)
+    save_split(split, out / "split.json")
+
+    bar = _FeatureProgress(enabled=progress, console=console)
+    t_feat = time.perf_counter()
+    fd = cached_features(split, backbone, train, data, progress=bar.update)
+    bar.close()
+    feat_s = time.perf_counter() - t_feat
+    if len(fd.y_valid) == 0:
+        raise TrainError("no validation image could be decoded; check the files listed as skipped in split.json.")
+
+    # ---- stage 1: the head on cached features ----
+    learn = _make_head_learner(fd, split, backbone, train, data, out, progress)
+    head = learn.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.seed)
+        learn.fit_one_cycle(train.epochs, train.lr or 3e-3)
+    probs = _tta_probs(head, fd.x_valid)
+    history = list(learn.recorder.rows)
+    batch_losses = list(learn.recorder.batch_losses)
+    model = nn.Sequential(backbone.model, head).eval()
+    stage = "head"
+
+    # ---- stage 2 (optional): full fine-tuning on images ----
+    if train.fine_tune > 0:
+        probs, ft_rows, ft_losses = _fine_tune(model, backbone, head, split, fd, train, data, out, progress)
+        history += ft_rows
+        batch_losses += ft_losses
+        stage = "fine_tune"
+
+    y = fd.y_valid
+    wall = time.perf_counter() - t0
+    metrics = {
+        "error_rate": error_rate(probs, y),
+        "accuracy": accuracy(probs, y),
+        "valid_loss": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y)),
+        "n_train": len(fd.train_names),
+        "n_valid": len(fd.valid_names),
+        "n_skipped": len(split.skipped) + len(fd.failed),
+        "classes": split.classes,
+        "views": fd.views,
+        "tta": len(fd.x_valid) > 1,
+        "final_stage": stage,
+        "feature_s": round(feat_s, 2),
+        "wall_s": round(wall, 2),
+    }
+    _write_run(out, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs)
+    return RunResult(out, metrics, model, split.classes, split, backbone, history)
+
+
+def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> tuple[torch.Tensor, list[dict[str, Any]], list[float]]:
+    from ursa.data.items import Item
+    from ursa.data.loaders import ImageDataLoaders
+
+    good_train = set(fd.train_names)
+    good_valid = set(fd.valid_names)
+    clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
+    size = int(train.extra.get("fine_tune_size", 0)) or None
+    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=min(train.batch_size, 32), flip=data.flip, size=size, num_workers=int(train.extra.get("num_workers", 0)))
+    learn = Learner(model, dls.train, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune", label_smoothing=0.1, preprocess=dls.preprocess, bn_eval=backbone.model)
+    learn.unfreeze()
+    lr = train.fine_tune_lr
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data.seed)
+        learn.fit_one_cycle(train.fine_tune, slice(lr / 100, lr), pct_start=0.3, div=10)
+    probs, _ = learn.get_preds()
+    if data.flip and train.tta:
+        from ursa.data.transforms import flip_view
+
+        model.eval()
+        with torch.inference_mode():
+            flipped = torch.cat([model(flip_view(xb)).softmax(-1) for xb, _ in dls.valid])
+        probs = (probs + flipped) / 2
+    return probs, list(learn.recorder.rows), list(learn.recorder.batch_losses)
+
+
+def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    from ursa.train.callbacks import Recorder
+
+    config = {
+        "root": str(split.root),
+        "data": to_dict(data),
+        "train": to_dict(train),
+        "arch": backbone.arch,
+        "timm_name": backbone.timm_name,
+        "weights": backbone.weights,
+        "num_features": backbone.num_features,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
+        "classes": split.classes,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    atomic_write_json(out / "config.json", config)
+    rec = Recorder()
+    rec.rows, rec.batch_losses = history, batch_losses
+    rec.to_csv(out / "history.csv")
+    rec.plot_loss(out / "losses.png")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out / "models" / "model.safetensors", save(state, metadata={"classes": json.dumps(split.classes), "arch": backbone.arch}))
+    _write_predictions(out / "predictions.csv", fd.valid_names, fd.y_valid, probs, split.classes)
+    skipped = [[s.name, s.reason] for s in split.skipped] + [[s.name, s.reason] for s in fd.failed]
+    if skipped:
+        buf = io.StringIO()
+        csv.writer(buf).writerows([["name", "reason"], *skipped])
+        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+class _FeatureProgress:
+    """One Rich progress bar per feature-extraction pass."""
+
+    def __init__(self, *, enabled: bool, console: Any = None):
+        self.enabled, self.console = enabled, console
+        self._p: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._p is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
+            self._p.start()
+        if label not in self._tasks:
+            self._tasks[label] = self._p.add_task(label, total=total)
+        self._p.update(self._tasks[label], completed=done)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
