@@ -68,8 +68,18 @@ class _Handler(BaseHTTPRequestHandler):
             srv.hits[path] += 1
             hits = srv.hits[path]
             srv.agents.append(self.headers.get("User-Agent", ""))
-        if srv.delay:
-            time.sleep(srv.delay)
+            srv.inflight += 1
+            srv.max_inflight = max(srv.max_inflight, srv.inflight)
+        try:
+            if srv.delay:
+                time.sleep(srv.delay)
+            self._route(path, hits)
+        finally:
+            with srv.lock:
+                srv.inflight -= 1
+
+    def _route(self, path: str, hits: int) -> None:
+        srv = self.server
         kind, _, arg = path.strip("/").partition("/")
         if kind == "img":  # /img/<n>[.ext][;junk]: a distinct JPEG per n
             self._send(200, make_jpeg(int(arg.split(".")[0].split(";")[0])))
@@ -133,6 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", {"Location": f"/loop/{arg}"})
         elif kind == "redirect":
             self._send(301, b"", "text/plain", {"Location": f"/img/{arg}"})
+        elif kind == "toggle":  # 404 while srv.broken, then an image
+            if srv.broken:
+                self._send(404, b"not yet", "text/plain")
+            else:
+                self._send(200, make_jpeg(66))
         elif kind == "ua":  # refuses clients that do not look like a browser
             if "Mozilla/" in (self.headers.get("User-Agent") or ""):
                 self._send(200, make_jpeg(55))
@@ -156,6 +171,9 @@ class FaultServer(ThreadingHTTPServer):
         self.delay = 0.0  # seconds added before every response
         self.hang_s = 3.0  # how long /hang and /drip keep a client waiting
         self.big_bytes = 3 * 2**20
+        self.broken = True  # /toggle fails while True
+        self.inflight = 0  # requests being answered now, and the most at once
+        self.max_inflight = 0
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{path.lstrip('/')}"

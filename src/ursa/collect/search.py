@@ -92,7 +92,7 @@ class DuckDuckGoProvider:
         except ImportError as exc:
             raise CollectError(
                 "Image search needs the optional 'ddgs' package, which is not installed. "
-                f"Install it with: pip install 'ursa[search]'. {_URL_ROUTE}"
+                f"Install it with: pip install ddgs (or the project's 'search' extra). {_URL_ROUTE}"
             ) from exc
         return DDGS(timeout=int(max(1, self.timeout)))
 

@@ -121,7 +121,7 @@ def read_url_list(path: str | os.PathLike[str]) -> UrlList:
     path = Path(path)
     hint = "Save one image URL per line (see 'Create your own dataset' in the README for a browser snippet)."
     if not path.exists():
-        raise CollectError(f"URL list {str(path)!r} does not exist. Check the path; {hint}")
+        raise CollectError(f"URL list {str(path)!r} does not exist. Check the path. {hint}")
     if not path.is_file():
         raise CollectError(f"URL list {str(path)!r} is a folder, not a file. Name the .txt or .csv file itself.")
     try:

@@ -1,0 +1,275 @@
+"""The downloader against a real local server: every failure kind, dedup, limits, resuming, bad destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_collect_server import FaultServer, bomb_png, make_jpeg, make_png, server  # noqa: F401 - fixture
+from ursa.collect.download import Job, NotAnImage, download, jobs_from_list, sniff_image, split_dest
+from ursa.collect.manifest import Manifest, manifest_path
+from ursa.collect.urls import parse_url_text
+from ursa.config import CollectConfig
+from ursa.errors import CollectError
+
+FAST = CollectConfig(timeout=0.5, total_timeout=1.0, backoff=0.01, max_bytes=2**20)
+
+
+def rows(root: Path) -> dict[str, dict[str, str]]:
+    return {url: row for (_, url), row in Manifest.load(root).rows.items()}
+
+
+def images(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+FAILURES = [
+    ("status/404", "http 404"),
+    ("status/500", "http 500"),
+    ("status/403", "http 403"),
+    ("hang/x.jpg", "timeout: no data"),
+    ("drip/x.jpg", "timeout: the response took longer"),
+    ("html/photo.jpg", "not an image: an HTML page"),
+    ("reset/x.jpg", "connection"),
+    ("loop/x", "redirects: more than 5"),
+    ("big/x.jpg", "too large: 3.0 MiB"),
+    ("bigstream/x.jpg", "too large: more than"),
+    ("bomb/x.png", "decompression bomb"),
+    ("empty/x.jpg", "empty: the server sent 0 bytes"),
+    ("truncated/x.jpg", "connection: closed before the whole response"),
+]
+
+
+def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path) -> None:
+    server.hang_s = 1.5
+    good = [server.url(f"img/{i}.jpg") for i in range(3)]
+    bad = {server.url(path): reason for path, reason in FAILURES}
+    jobs = [Job(u, "teddy") for u in [*bad, *good]]
+    report = download(jobs, tmp_path, config=FAST)
+    got = rows(tmp_path)
+    assert set(got) == {*bad, *good}
+    for url, reason in bad.items():
+        assert got[url]["status"] == "failed", url
+        assert got[url]["reason"].startswith(reason), (url, got[url]["reason"])
+        assert got[url]["file"] == ""
+    assert [got[u]["status"] for u in good] == ["ok"] * 3
+    assert report.progress.ok == 3 and report.progress.failed == len(bad)
+    assert images(tmp_path / "teddy") == ["00000001.jpg", "00000002.jpg", "00000003.jpg"]
+    assert report.reasons["http 404"] == 1
+    # transient failures were retried, permanent ones were not
+    assert server.hits["/status/500"] == FAST.retries + 1
+    assert server.hits["/status/404"] == 1
+    assert server.hits["/hang/x.jpg"] == 1
+
+
+def test_files_are_named_in_order_typed_by_content_and_stored_once(server: FaultServer, tmp_path: Path) -> None:
+    urls = [server.url("img/1.jpg?w=960"), server.url("png/2"), server.url("same/a.jpg"), server.url("same/b.jpg"),
+            server.url("redirect/7"), server.url("img/1.jpg?again")]  # fmt: skip
+    lst = parse_url_text("\n".join(urls), source="urls_teddy.txt")
+    report = download(jobs_from_list(lst, "teddy", query="teddy bear"), tmp_path, config=CollectConfig(concurrency=1))
+    got = rows(tmp_path)
+    assert images(tmp_path / "teddy") == ["00000001.jpg", "00000002.png", "00000003.jpg", "00000004.jpg"]
+    assert got[urls[3]]["status"] == "duplicate" and got[urls[3]]["file"] == "teddy/00000003.jpg"
+    assert got[urls[5]]["status"] == "duplicate" and got[urls[5]]["file"] == "teddy/00000001.jpg"
+    row = got[urls[4]]
+    assert (row["status"], row["file"], row["query"], row["source"]) == ("ok", "teddy/00000004.jpg", "teddy bear", "urls_teddy.txt")
+    assert (tmp_path / "teddy/00000004.jpg").read_bytes() == make_jpeg(7)
+    assert row["sha256"] == hashlib.sha256(make_jpeg(7)).hexdigest() and row["bytes"] == str(len(make_jpeg(7)))
+    assert report.progress.duplicate == 2
+
+
+def test_sends_a_browser_user_agent(server: FaultServer, tmp_path: Path) -> None:
+    download([Job(server.url("ua/x"), "a")], tmp_path)
+    assert rows(tmp_path)[server.url("ua/x")]["status"] == "ok"
+    assert all(a.startswith("Mozilla/5.0") for a in server.agents)
+
+
+def test_transient_errors_are_retried_with_backoff(server: FaultServer, tmp_path: Path) -> None:
+    download([Job(server.url("flaky/x"), "a")], tmp_path, config=FAST)
+    row = rows(tmp_path)[server.url("flaky/x")]
+    assert (row["status"], row["attempts"]) == ("ok", "3")
+
+
+def test_non_http_lines_are_skipped_rows(tmp_path: Path) -> None:
+    lst = parse_url_text("x-raw-image:///abc\ndata:image/png;base64,AAA\n")
+    report = download(jobs_from_list(lst, "a"), tmp_path)
+    assert {r["status"] for r in rows(tmp_path).values()} == {"skipped"}
+    assert report.progress.skipped == 2
+
+
+def test_per_host_limit_is_respected(server: FaultServer, tmp_path: Path) -> None:
+    server.delay = 0.1
+    jobs = [Job(server.url(f"img/{i}"), "a") for i in range(12)]
+    download(jobs, tmp_path, config=CollectConfig(per_host=3, concurrency=16))
+    assert server.max_inflight <= 3
+    assert len(images(tmp_path / "a")) == 12
+
+
+def test_max_images_stops_at_the_limit_and_resumes_to_a_higher_one(server: FaultServer, tmp_path: Path) -> None:
+    jobs = [Job(server.url(f"status/404?{i}"), "a") for i in range(2)] + [Job(server.url(f"img/{i}"), "a") for i in range(10)]
+    report = download(jobs, tmp_path, config=CollectConfig(max_images=3, concurrency=8))
+    assert len(images(tmp_path / "a")) == 3
+    assert report.progress.ok == 3 and report.progress.not_tried > 0
+    assert len(rows(tmp_path)) == 3 + report.progress.failed  # untried URLs have no row yet
+    download(jobs, tmp_path, config=CollectConfig(max_images=5, concurrency=8))
+    assert len(images(tmp_path / "a")) == 5
+
+
+def test_resume_after_ctrl_c_neither_duplicates_nor_loses(server: FaultServer, tmp_path: Path) -> None:
+    server.delay = 0.02
+    jobs = [Job(server.url(f"img/{i}"), "a") for i in range(40)]
+
+    def interrupt(progress: object) -> None:
+        if progress.ok >= 8:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(jobs, tmp_path, config=CollectConfig(concurrency=4), on_progress=interrupt)
+    done_before = {u for u, r in rows(tmp_path).items() if r["status"] == "ok"}
+    assert len(done_before) >= 8
+    hits_before = dict(server.hits)
+    report = download(jobs, tmp_path, config=CollectConfig(concurrency=4))
+    got = rows(tmp_path)
+    assert all(got[j.url]["status"] == "ok" for j in jobs)
+    assert report.progress.skipped == len(done_before)
+    for url in done_before:  # settled URLs were not fetched again
+        path = "/" + url.split("/", 3)[3]
+        assert server.hits[path] == hits_before[path]
+    files = images(tmp_path / "a")
+    assert len(files) == 40
+    assert len({hashlib.sha256((tmp_path / "a" / f).read_bytes()).digest() for f in files}) == 40
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_after_kill_adopts_files_written_before_the_manifest(server: FaultServer, tmp_path: Path) -> None:
+    """A killed process may have stored files its manifest never recorded; a re-run adopts them, no copies."""
+    server.delay = 0.05
+    urls = [server.url(f"img/{i}") for i in range(60)]
+    lst = tmp_path / "urls_a.txt"
+    lst.write_text("\n".join(urls))
+    root = tmp_path / "data"
+    cmd = [sys.executable, "-c", "from ursa.cli import main; main()", "download", str(lst), "--dest", str(root / "a"), "--concurrency", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list((root / "a").glob("0*"))) < 6:
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(list((root / "a").glob("0*"))) >= 6, "the download never got going"
+    # simulate a kill in the middle of a write: our own temp file left behind
+    (root / "a" / ".00000999.jpg.abc123.tmp").write_bytes(b"\xff\xd8half")
+    download([Job(u, "a") for u in urls], root)
+    got = rows(root)
+    assert all(got[u]["status"] == "ok" for u in urls)
+    files = [p for p in (root / "a").iterdir()]
+    assert len(files) == 60 and not [p for p in files if p.name.startswith(".")]
+    assert sorted(got[u]["file"] for u in urls) == sorted(f"a/{p.name}" for p in files)
+
+
+def test_a_users_own_file_with_the_same_bytes_is_adopted(server: FaultServer, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine.jpg").write_bytes(make_jpeg(4))
+    download([Job(server.url("img/4"), "a"), Job(server.url("img/5"), "a")], tmp_path)
+    got = rows(tmp_path)
+    assert got[server.url("img/4")]["file"] == "a/mine.jpg"
+    assert images(tmp_path / "a") == ["00000001.jpg", "mine.jpg"]
+
+
+def test_failed_urls_are_left_alone_unless_retry_failed(server: FaultServer, tmp_path: Path) -> None:
+    jobs = [Job(server.url("toggle/x"), "a")]
+    download(jobs, tmp_path)
+    assert rows(tmp_path)[jobs[0].url]["status"] == "failed"
+    server.broken = False
+    report = download(jobs, tmp_path)
+    assert report.progress.skipped == 1 and server.hits["/toggle/x"] == 1
+    download(jobs, tmp_path, config=CollectConfig(retry_failed=True))
+    assert rows(tmp_path)[jobs[0].url]["status"] == "ok"
+    assert images(tmp_path / "a") == ["00000001.jpg"]
+
+
+def test_file_numbers_are_never_reused_after_a_file_was_moved_away(server: FaultServer, tmp_path: Path) -> None:
+    download([Job(server.url("img/1"), "a"), Job(server.url("img/2"), "a")], tmp_path, config=CollectConfig(concurrency=1))
+    (tmp_path / "a" / "00000002.jpg").rename(tmp_path / "elsewhere.jpg")  # as verify's quarantine would
+    download([Job(server.url("img/3"), "a")], tmp_path)
+    assert images(tmp_path / "a") == ["00000001.jpg", "00000003.jpg"]
+
+
+def test_destination_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "data"
+    target.write_text("not a folder")
+    with pytest.raises(CollectError, match="is a file"):
+        download([Job("http://127.0.0.1:9/x", "a")], target)
+    with pytest.raises(CollectError, match="Cannot (create|write)"):
+        download([Job("http://127.0.0.1:9/x", "a")], target / "sub")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_destination_is_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / ".ursa").mkdir(parents=True)
+    root.chmod(0o500)
+    try:
+        with pytest.raises(CollectError, match="Cannot write"):
+            download([Job("http://127.0.0.1:9/x", "a")], root)
+    finally:
+        root.chmod(0o700)
+
+
+def test_split_dest() -> None:
+    assert split_dest("data/bears/teddy") == (Path("data/bears"), "teddy")
+    with pytest.raises(CollectError, match="class folder"):
+        split_dest("data/.hidden")
+
+
+def test_redirect_to_a_non_http_url_fails_cleanly(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "ftp://example.com/x.jpg"})
+
+    download([Job("http://example.test/x.jpg", "a")], tmp_path, transport=httpx.MockTransport(handler))
+    assert rows(tmp_path)["http://example.test/x.jpg"]["reason"].startswith("bad url")
+
+
+def test_works_inside_a_running_event_loop(tmp_path: Path) -> None:
+    """Notebooks run an event loop; download() must still work when called from one."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=make_png(3))
+
+    async def notebook_cell() -> None:
+        download([Job("http://example.test/a", "a")], tmp_path, transport=httpx.MockTransport(handler))
+
+    asyncio.run(notebook_cell())
+    assert images(tmp_path / "a") == ["00000001.png"]
+
+
+def test_manifest_lives_at_the_root(tmp_path: Path) -> None:
+    download([Job("x-raw-image:///1", "teddy")], tmp_path / "bears")
+    assert manifest_path(tmp_path / "bears").is_file()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"", "empty"), (b"<!DOCTYPE html><html>", "an HTML page"), (b'{"error": 1}', "JSON"),
+     (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"), (b"GIF89a" + b"\x00" * 3, "unreadable header"),
+     (bomb_png(), "decompression bomb"), (b"\x00\x01garbage", "unknown format")],
+)  # fmt: skip
+def test_sniff_image_refuses(data: bytes, reason: str) -> None:
+    with pytest.raises(NotAnImage, match=reason):
+        sniff_image(data)
+
+
+def test_sniff_image_reads_only_the_header() -> None:
+    assert sniff_image(make_png(1, (30, 20))) == (".png", 30, 20)
+    assert sniff_image(make_jpeg(1)) == (".jpg", 24, 16)
+    with pytest.raises(NotAnImage, match="decompression bomb"):
+        sniff_image(make_png(1, (30, 20)), max_pixels=100)
