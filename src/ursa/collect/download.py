@@ -558,7 +558,7 @@ def download(
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise CollectError(f"--dest {str(root)!r} is a file, not a folder. Choose a folder for the dataset.")
+        raise CollectError(f"The dataset folder {str(root)!r} is a file. Choose a --dest inside a folder you can write to.")
     try:
         (root / META_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
