@@ -125,7 +125,7 @@ def train_classifier(
     epochs: int = 10,
     batch_size: int = 64,
     hidden: int = 64,
-    seed: int = 0,
+    seed: int = 42,
 ) -> LRRun:
     """Train a one-hidden-layer network (features -> `hidden` ReLU units -> classes) with plain mini-batch SGD.
 
@@ -184,7 +184,7 @@ def lr_lesson(
     epochs: int = 10,
     batch_size: int = 64,
     hidden: int = 64,
-    seed: int = 0,
+    seed: int = 42,
     out: str | Path | None = None,
 ) -> LRResult:
     """Train with a too-high, a good and a too-low learning rate (`lrs`, in that order); plot to `out`.

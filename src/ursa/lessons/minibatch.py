@@ -92,7 +92,7 @@ def run_gd(
     batch_size: int | None,
     lr: float = 0.05,
     steps: int = 200,
-    seed: int = 0,
+    seed: int = 42,
 ) -> tuple[list[float], list[float]]:
     """Train y_hat = x @ w from w = 0 with `steps` updates; returns (losses (steps+1,), seconds (steps+1,)).
 
@@ -148,7 +148,7 @@ def minibatch_lesson(
     batch_size: int = 64,
     lr: float = 0.05,
     steps: int = 200,
-    seed: int = 0,
+    seed: int = 42,
     out: str | Path | None = None,
 ) -> MinibatchResult:
     """Full-batch vs mini-batch gradient descent on (x (n, d), y (n,)); plot to `out` (PNG).
