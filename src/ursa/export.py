@@ -1,0 +1,744 @@
+"""Write and load the export folder, and predict with it on a CPU.
+
+An export folder holds plain data only, so loading it never runs code from the files:
+
+```
+models/bears/
+  model.json          metadata: classes, architecture, preprocessing, open-set threshold, metrics,
+                      library versions, and the sha256 of every other file
+  model.safetensors   weights of nn.Sequential(backbone, head) (tensors only)
+  model.onnx          the same network as an ONNX graph (float32), checked against PyTorch
+  model.int8.onnx     optional: statically quantized (QDQ, per-channel int8) copy
+```
+
+`export_run` builds the folder from a training run; `load_model` / `Predictor` read it back, refusing a
+folder whose files do not match the hashes in model.json (tampered, truncated or swapped) or whose
+model.json is not Ursa's. Prediction runs ONNX Runtime by default and PyTorch as the fallback; both use
+the one preprocessing function here, which reproduces training's evaluation transform
+(`ursa.data.transforms.open_image` + `eval_transform`) with Pillow and numpy only, so serving needs
+neither torch nor torchvision.
+
+Open set: a photo of none of the classes still gets a softmax over the classes. The export records a
+threshold on the top probability, calibrated on the validation set (by default the 5th percentile of
+the top probability of correctly classified validation images, so about 95% of good predictions pass);
+below it the prediction is `NONE_OF_THESE`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ursa.errors import ExportError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "NONE_OF_THESE",
+    "ONNX_TOLERANCE",
+    "BadImageError",
+    "ImageTooLargeError",
+    "ExportResult",
+    "Prediction",
+    "Predictor",
+    "export_run",
+    "load_model",
+    "read_export",
+    "decode_image",
+    "preprocess",
+    "softmax",
+]
+
+FORMAT = "ursa.export"
+FORMAT_VERSION = 1
+NONE_OF_THESE = "none of these"  # the label of a prediction under the open-set threshold
+ONNX_TOLERANCE = 1e-4  # largest |logit difference| allowed between ONNX Runtime and PyTorch at export
+MAX_PIXELS = 40_000_000  # default decode limit (width x height): a 40 MP photo passes, a decompression bomb not
+_ONNX_FILE, _INT8_FILE, _WEIGHTS_FILE, _META_FILE = "model.onnx", "model.int8.onnx", "model.safetensors", "model.json"
+_HEAD_KEYS = ("1.bn.weight", "1.bn.bias", "1.bn.running_mean", "1.bn.running_var", "1.fc.weight", "1.fc.bias")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+
+class BadImageError(ExportError):
+    """The input is not an image Pillow can decode (or it is truncated)."""
+
+
+class ImageTooLargeError(BadImageError):
+    """The image has more pixels than the decoder is allowed to expand (a decompression-bomb guard)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoding and preprocessing (shared by export, both predictor backends, the CLI and the web app)
+# ---------------------------------------------------------------------------------------------------
+
+
+def decode_image(src: Any, *, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `src` (a path, the bytes of an image file, or a PIL image) as an upright RGB PIL image.
+
+    Same rules as training's `open_image`: EXIF orientation applied, transparency composited on white,
+    and JPEGs at least twice as large as `min_side` (px, short side) decoded at 1/2, 1/4 or 1/8 scale
+    by the JPEG decoder itself (draft mode). An image over `max_pixels` (width x height, read from the
+    header before decoding) raises ImageTooLargeError; anything Pillow cannot decode raises BadImageError.
+    """
+    if isinstance(src, Image.Image):
+        return _to_rgb(src)
+    name = "the upload" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
+    try:
+        im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+    except FileNotFoundError:
+        raise BadImageError(f"{name} does not exist. Check the path.") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{name} is a folder, not an image file.") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{name} is not an image Pillow can read. Send a JPEG, PNG, WebP, GIF or BMP file.") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
+    except OSError as exc:
+        raise BadImageError(f"could not open {name}: {exc}.") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.0f}. Send a smaller image.")
+    try:
+        if min_side is not None and im.format == "JPEG":
+            scale = min(w, h) / min_side
+            if scale >= 2:
+                im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what Pillow raises on broken or truncated data
+        raise BadImageError(f"{name} is a damaged or truncated image ({type(exc).__name__}: {exc}).") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        im.load()
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+def _prep_params(data_config: dict[str, Any]) -> tuple[int, int, Image.Resampling, np.ndarray, np.ndarray]:
+    size = int(data_config["input_size"][-1])
+    short = int(math.floor(size / float(data_config.get("crop_pct", 0.875))))
+    resample = _RESAMPLE.get(str(data_config.get("interpolation", "bicubic")), Image.Resampling.BICUBIC)
+    mean = np.asarray(data_config["mean"], np.float32)
+    std = np.asarray(data_config["std"], np.float32)
+    return size, short, resample, mean, std
+
+
+def preprocess(im: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
+    """Training's evaluation transform in Pillow + numpy: an RGB image -> (1, 3, S, S) float32, NCHW.
+
+    Resize the short side to floor(S / crop_pct) with the model's interpolation (Pillow's antialiased
+    filter, as torchvision uses for PIL input; no-op when already that size), center-crop S x S with
+    torchvision's rounding, scale to [0, 1], subtract `mean`, divide by `std`. Matches
+    `eval_transform(data_config)(im)` to float32 rounding (tested).
+    """
+    size, short, resample, mean, std = _prep_params(data_config)
+    w, h = im.size
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), resample=resample)
+    if nw < size or nh < size:  # only for crop_pct > 1: pad like torchvision (zeros, centred)
+        canvas = Image.new("RGB", (max(nw, size), max(nh, size)))
+        canvas.paste(im, ((max(nw, size) - nw) // 2, (max(nh, size) - nh) // 2))
+        im, (nw, nh) = canvas, canvas.size
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    im = im.crop((left, top, left + size, top + size))
+    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (S, S, 3)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, C) logits in float32, stable for large values."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# network construction (no ursa.train import: serving must not need the training code)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _build_torch(timm_name: str, state: dict[str, Any], *, where: str) -> Any:
+    """nn.Sequential(timm backbone without classifier, head bn -> dropout -> fc) with `state` loaded strictly.
+
+    The head mirrors `ursa.train.learner.Head` key for key (`1.bn.*`, `1.fc.*`), so a run's state dict
+    loads with no renaming and gives the same function in eval mode.
+    """
+    from collections import OrderedDict
+
+    import timm
+    from torch import nn
+
+    missing = [k for k in _HEAD_KEYS if k not in state]
+    if missing:
+        raise ExportError(f"{where} has no classifier head of the expected form (missing {missing[:3]}). Export a run written by `ursa train`.")
+    n_classes, n_features = (int(s) for s in state["1.fc.weight"].shape)
+    try:
+        backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    except Exception as exc:  # timm raises RuntimeError / KeyError / ValueError for unknown names
+        raise ExportError(f"cannot build the architecture {timm_name!r} recorded for {where} ({type(exc).__name__}: {exc}). Install the timm version it was trained with.") from None
+    head = nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(n_features), drop=nn.Dropout(0.0), fc=nn.Linear(n_features, n_classes)))
+    model = nn.Sequential(backbone, head)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ExportError(f"the weights in {where} do not fit {timm_name}: {' '.join(first)}. The weights file is from another model.") from None
+    return model.eval()
+
+
+def _ort_session(model_bytes: bytes, *, threads: int | None, spin: bool) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = int(threads or 0)  # 0: ONNX Runtime's default (physical cores)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not spin:  # idle threads sleep instead of spinning: better when other work shares the cores (serving)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_export(folder: str | os.PathLike[str], *, files: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Read model.json and the bytes of the listed `files` (default: all it lists), each checked
+    against its recorded size and sha256. Returns (metadata, {file name: bytes}).
+
+    The bytes returned are the bytes hashed, so nothing can change between check and use. Raises
+    ExportError for a missing folder or file, a model.json that is not an Ursa export of a supported
+    version, or a file whose hash differs (tampered, truncated or swapped).
+    """
+    folder = Path(folder)
+    meta_path = folder / _META_FILE
+    if not folder.is_dir():
+        raise ExportError(f"model folder {folder} does not exist. Create it with: ursa export runs/NAME --out {folder}")
+    if not meta_path.is_file():
+        raise ExportError(f"{folder} has no {_META_FILE}, so it is not an Ursa export folder. Create one with: ursa export runs/NAME --out {folder}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{meta_path} is not valid JSON ({exc}). The folder is damaged: export the run again.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExportError(f"{meta_path} is not an Ursa model description (no \"format\": \"{FORMAT}\"). Export the model with `ursa export`.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{meta_path} has format version {meta.get('format_version')!r}; this Ursa reads version {FORMAT_VERSION}. Export the run again with this Ursa.")
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or _WEIGHTS_FILE not in listed:
+        raise ExportError(f"{meta_path} lists no file hashes. Export the run again.")
+    out: dict[str, bytes] = {}
+    for name in files if files is not None else list(listed):
+        rec = listed.get(name)
+        if not isinstance(rec, dict) or Path(name).name != name:
+            raise ExportError(f"{meta_path} does not list {name}. Export the run again (with --int8 for the quantized model).")
+        path = folder / name
+        if not path.is_file():
+            raise ExportError(f"{path} is missing. The export folder is incomplete: export the run again.")
+        data = path.read_bytes()
+        if len(data) != rec.get("bytes") or _sha256(data) != rec.get("sha256"):
+            raise ExportError(f"{path} does not match the sha256 recorded in {_META_FILE}: it was altered, truncated or replaced. Export the run again; do not load files from an untrusted source.")
+        out[name] = data
+    return meta, out
+
+
+@dataclass
+class Prediction:
+    """One image's prediction. `probs` is (n_classes,) float32 in `classes` order."""
+
+    label: str  # the class, or NONE_OF_THESE when the top probability is under the threshold
+    index: int  # class index of `label`; -1 for NONE_OF_THESE
+    prob: float  # top probability
+    best: str  # the most probable class, even when rejected
+    rejected: bool
+    probs: np.ndarray
+    top: list[tuple[str, float]]  # the k most probable classes, best first
+    ms: dict[str, float] = field(default_factory=dict)  # decode / preprocess / model / total milliseconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the web API's answer)."""
+        return {
+            "label": self.label,
+            "index": self.index,
+            "prob": round(float(self.prob), 6),
+            "best": self.best,
+            "rejected": self.rejected,
+            "top": [{"label": c, "prob": round(float(p), 6)} for c, p in self.top],
+            "ms": {k: round(v, 2) for k, v in self.ms.items()},
+        }
+
+
+class Predictor:
+    """A loaded export folder: `predict(image) -> (label, index, probs)`.
+
+    `backend` is "onnx" (ONNX Runtime, the default when installed), "torch" (the safetensors weights
+    in PyTorch) or "auto". `precision` "fp32" or "int8" picks the ONNX file (default: what the export
+    recorded as its default). `threads` sets ONNX Runtime's intra-op threads (None: its default);
+    `spin=False` lets idle worker threads sleep (better when a server shares the cores).
+    `open_set=False` never answers NONE_OF_THESE. A Predictor is safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        backend: str = "auto",
+        precision: str | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+        open_set: bool = True,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        if backend not in ("auto", "onnx", "torch"):
+            raise ExportError(f"backend must be 'auto', 'onnx' or 'torch', not {backend!r}.")
+        self.folder = Path(folder)
+        meta, _ = read_export(self.folder, files=[])
+        if backend == "auto":
+            backend = "onnx" if _has_onnxruntime() else "torch"
+        precision = precision or meta.get("default_precision", "fp32")
+        if precision not in ("fp32", "int8"):
+            raise ExportError(f"precision must be 'fp32' or 'int8', not {precision!r}.")
+        if backend == "torch" and precision == "int8":
+            raise ExportError("the int8 model runs in ONNX Runtime only. Use backend 'onnx', or precision 'fp32' with the torch backend.")
+        onnx_file = _INT8_FILE if precision == "int8" else _ONNX_FILE
+        if precision == "int8" and onnx_file not in meta.get("files", {}):
+            raise ExportError(f"{self.folder} has no int8 model. Export with --int8, or use precision 'fp32'.")
+        # Every listed file is checked, also the ones this backend does not use: a tampered folder is refused whole.
+        meta, data = read_export(self.folder)
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.data_config: dict[str, Any] = dict(meta["preprocess"])
+        self.size = int(self.data_config["input_size"][-1])
+        self.threshold: float = float(meta.get("open_set", {}).get("threshold", 0.0)) if open_set else 0.0
+        self.backend, self.precision, self.max_pixels = backend, precision, max_pixels
+        self._input = meta["input"]["name"]
+        if backend == "onnx":
+            if not _has_onnxruntime():
+                raise ExportError("onnxruntime is not installed. Run: pip install onnxruntime, or use backend 'torch'.")
+            try:
+                self._session = _ort_session(data[onnx_file], threads=threads, spin=spin)
+            except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+                raise ExportError(f"ONNX Runtime cannot load {self.folder / onnx_file} ({type(exc).__name__}: {exc}). Export the run again with this version of Ursa.") from None
+            shape = self._session.get_inputs()[0].shape
+            if self._session.get_inputs()[0].name != self._input or list(shape[1:]) != [3, self.size, self.size]:
+                raise ExportError(f"{onnx_file} takes {shape}, not the (n, 3, {self.size}, {self.size}) recorded in {_META_FILE}. Export the run again.")
+            self._torch = None
+        else:
+            from safetensors.torch import load as load_safetensors
+
+            try:
+                state = load_safetensors(data[_WEIGHTS_FILE])
+            except Exception as exc:  # safetensors raises SafetensorError on any malformed header
+                raise ExportError(f"{self.folder / _WEIGHTS_FILE} is not a readable safetensors file ({exc}). Export the run again.") from None
+            self._torch = _build_torch(meta["timm_name"], state, where=str(self.folder / _WEIGHTS_FILE))
+            self._session = None
+        out = self.logits(np.zeros((1, 3, self.size, self.size), np.float32))
+        if out.shape != (1, len(self.classes)):
+            raise ExportError(f"the model gives {out.shape[1]} outputs but {_META_FILE} lists {len(self.classes)} classes. Export the run again.")
+
+    def __repr__(self) -> str:
+        return f"Predictor({str(self.folder)!r}, backend={self.backend!r}, precision={self.precision!r}, classes={len(self.classes)})"
+
+    # -- the network --
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 logits."""
+        if self._session is not None:
+            return self._session.run(None, {self._input: x})[0]
+        import torch
+
+        with torch.inference_mode():
+            return self._torch(torch.from_numpy(x)).numpy()
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 probabilities."""
+        return softmax(self.logits(x))
+
+    # -- images --
+    def load(self, img: Any) -> np.ndarray:
+        """Decode (path, bytes or PIL image) and preprocess: -> (1, 3, S, S) float32."""
+        return preprocess(decode_image(img, min_side=self.size, max_pixels=self.max_pixels), self.data_config)
+
+    def predict_image(self, img: Any, *, top_k: int = 3) -> Prediction:
+        """Decode, preprocess, run and interpret one image; times each step in milliseconds."""
+        t0 = time.perf_counter()
+        im = decode_image(img, min_side=self.size, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        x = preprocess(im, self.data_config)
+        t2 = time.perf_counter()
+        p = self.probs(x)[0]
+        t3 = time.perf_counter()
+        pred = self.interpret(p, top_k=top_k)
+        pred.ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        return pred
+
+    def interpret(self, probs: np.ndarray, *, top_k: int = 3) -> Prediction:
+        """A (n_classes,) probability vector -> Prediction, applying the open-set threshold."""
+        order = np.argsort(-probs, kind="stable")
+        k = int(order[0])
+        rejected = bool(probs[k] < self.threshold)
+        top = [(self.classes[int(i)], float(probs[i])) for i in order[: max(1, top_k)]]
+        return Prediction(
+            label=NONE_OF_THESE if rejected else self.classes[k],
+            index=-1 if rejected else k,
+            prob=float(probs[k]),
+            best=self.classes[k],
+            rejected=rejected,
+            probs=probs,
+            top=top,
+        )
+
+    def predict(self, img: Any) -> tuple[str, int, np.ndarray]:
+        """(label, index, probs) for one image, as the lesson's `learn.predict`: `probs` is (n_classes,)
+        float32; label is NONE_OF_THESE and index -1 when under the open-set threshold."""
+        pred = self.predict_image(img)
+        return pred.label, pred.index, pred.probs
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def load_model(folder: str | os.PathLike[str], **options: Any) -> Predictor:
+    """Load an export folder written by `ursa export` (see `Predictor` for the options).
+
+    >>> model = load_model("models/bears")                 # doctest: +SKIP
+    >>> label, idx, probs = model.predict("photo.jpg")     # doctest: +SKIP
+    """
+    return Predictor(folder, **options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    """What `export_run` wrote and measured."""
+
+    out: Path
+    meta: dict[str, Any]
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Largest |ONNX - PyTorch| logit difference on real validation images."""
+        return float(self.meta["onnx"]["max_abs_diff_logits"])
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        free = out.with_name(out.name + "-2")
+        i = 2
+        while free.exists():
+            i += 1
+            free = out.with_name(f"{out.name}-{i}")
+        raise ExportError(f"{out} already exists and is not empty; an export never overwrites files. Pass a new folder, e.g. --out {free}, or remove {out} first.")
+
+
+def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    config_path, weights = run / "config.json", run / "models" / "model.safetensors"
+    if not run.is_dir():
+        raise ExportError(f"run folder {run} does not exist. Pass the folder `ursa train --out` wrote, e.g. runs/bears.")
+    if not config_path.is_file() or not weights.is_file():
+        raise ExportError(f"{run} is not a finished training run (needs config.json and models/model.safetensors). Pass the folder `ursa train --out` wrote.")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    metrics_path = run / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # SafetensorError and OSError
+        raise ExportError(f"{weights} is not a readable safetensors file ({exc}). Train the run again.") from None
+    return config, metrics, state
+
+
+def _valid_images(run: Path, data_root: str | os.PathLike[str] | None, classes: list[str]) -> tuple[list[Path], list[int], list[Path], Path]:
+    from ursa.data.split import load_split
+
+    split = load_split(run / "split.json", root=data_root)
+    if not split.root.is_dir():
+        raise ExportError(f"the dataset {split.root} this run was trained on is not there; the export checks the model on its validation images. Pass --data with the dataset folder's new location.")
+    if list(split.classes) != list(classes):
+        raise ExportError(f"split.json lists classes {split.classes}, config.json {classes}: the run folder is inconsistent. Train the run again.")
+    index = {c: i for i, c in enumerate(classes)}
+    valid = [split.root / it.name for it in split.valid]
+    return valid, [index[it.label] for it in split.valid], [split.root / it.name for it in split.train], split.root
+
+
+def _batches(xs: list[np.ndarray], n: int) -> Iterable[np.ndarray]:
+    for i in range(0, len(xs), n):
+        yield np.concatenate(xs[i : i + n])
+
+
+def export_run(
+    run: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    int8: bool = False,
+    data_root: str | os.PathLike[str] | None = None,
+    open_set_quantile: float = 0.05,
+    check_images: int = 32,
+    calibration_images: int = 64,
+    opset: int = 17,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a training run folder to `out` (which must not exist or be empty) and check it.
+
+    Steps: rebuild the network from the run's safetensors weights; convert it to ONNX (dynamic batch
+    axis, opset `opset`); run the first `check_images` validation images through both and fail when the
+    largest |logit difference| exceeds ONNX_TOLERANCE; score every validation image with the ONNX
+    model (single view, exactly as the Predictor will) for the accuracy and the open-set threshold
+    (`open_set_quantile` of the top probability among correctly classified images); with `int8`, also
+    quantize statically on up to `calibration_images` training images and report the accuracy change.
+    The folder is written under a temporary name and renamed at the end: an interrupted export leaves
+    nothing behind. `data_root` overrides the dataset location recorded in split.json.
+    """
+    import torch
+
+    run, out = Path(run), Path(out)
+    say = on_step or (lambda msg: None)
+    _check_out(out)
+    if not 0.0 <= open_set_quantile < 0.5:
+        raise ExportError(f"the open-set quantile must be in [0, 0.5), got {open_set_quantile}. Use 0.05 to let about 95% of correct predictions through, 0 to keep every one.")
+    config, metrics, state = _read_run(run)
+    classes = list(config["classes"])
+    data_config = dict(config["data_config"])
+    size = int(data_config["input_size"][-1])
+    model = _build_torch(config["timm_name"], state, where=str(run / "models" / "model.safetensors"))
+    if model[1].fc.out_features != len(classes):
+        raise ExportError(f"the weights have {model[1].fc.out_features} outputs but config.json lists {len(classes)} classes. Train the run again.")
+
+    valid_paths, valid_y, train_paths, root = _valid_images(run, data_root, classes)
+    say(f"reading {len(valid_paths)} validation images from {root}")
+    xs, ys, skipped = [], [], []
+    for p, y in zip(valid_paths, valid_y):
+        try:
+            xs.append(preprocess(decode_image(p, min_side=size), data_config))
+            ys.append(y)
+        except BadImageError as exc:
+            skipped.append(f"{p.name}: {exc}")
+    if not xs:
+        raise ExportError(f"none of the {len(valid_paths)} validation images under {root} could be read; the export needs them to check the model. Pass --data with the dataset folder.")
+
+    say("converting to ONNX")
+    onnx_bytes = _to_onnx(model, size, classes, opset=opset)
+    session = _ort_session(onnx_bytes, threads=None, spin=True)
+    x_check = np.concatenate(xs[:check_images])
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x_check)).numpy()
+    got = session.run(None, {"input": x_check})[0]
+    diff_logits = float(np.abs(got - ref).max())
+    diff_probs = float(np.abs(softmax(got) - softmax(ref)).max())
+    say(f"ONNX vs PyTorch on {len(x_check)} validation images: max |logit difference| {diff_logits:.2e}")
+    if not diff_logits <= ONNX_TOLERANCE:  # also catches NaN
+        raise ExportError(f"the ONNX model differs from PyTorch by up to {diff_logits:.3g} in the logits on real images (limit {ONNX_TOLERANCE:g}). Try another --opset or onnxruntime version; do not serve this model.")
+
+    probs = np.concatenate([softmax(session.run(None, {"input": b})[0]) for b in _batches(xs, 32)])
+    y = np.asarray(ys)
+    pred = probs.argmax(1)
+    acc = float((pred == y).mean())
+    top = probs.max(1)
+    correct_top = top[pred == y]
+    # The quantile of the correctly classified images' confidence: the share of good predictions the
+    # threshold gives up. With no correct prediction there is nothing to calibrate on: no rejection.
+    threshold = float(np.quantile(correct_top, open_set_quantile, method="lower")) if len(correct_top) else 0.0
+    accepted = top >= threshold
+    open_set = {
+        "threshold": round(threshold, 6),
+        "quantile": open_set_quantile,
+        "method": "quantile of the top probability of correctly classified validation images",
+        "n_valid": int(len(y)),
+        "valid_accepted": round(float(accepted.mean()), 4),
+        "valid_accuracy_accepted": round(float((pred[accepted] == y[accepted]).mean()) if accepted.any() else 0.0, 4),
+    }
+
+    int8_info = None
+    int8_bytes = None
+    if int8:
+        say(f"quantizing to int8 on up to {calibration_images} training images")
+        int8_bytes, n_cal = _quantize(onnx_bytes, train_paths, data_config, n=calibration_images)
+        s8 = _ort_session(int8_bytes, threads=None, spin=True)
+        p8 = np.concatenate([softmax(s8.run(None, {"input": b})[0]) for b in _batches(xs, 32)])
+        acc8 = float((p8.argmax(1) == y).mean())
+        int8_info = {
+            "file": _INT8_FILE,
+            "calibration_images": n_cal,
+            "valid_accuracy_fp32": round(acc, 4),
+            "valid_accuracy_int8": round(acc8, 4),
+            "accuracy_change": round(acc8 - acc, 4),
+            "max_abs_diff_probs": round(float(np.abs(p8 - probs).max()), 6),
+            "agreement_with_fp32": round(float((p8.argmax(1) == pred).mean()), 4),
+        }
+        say(f"int8 validation accuracy {acc8:.4f} vs fp32 {acc:.4f} (change {acc8 - acc:+.4f})")
+
+    meta = _metadata(run, out, config, metrics, classes, data_config, size, opset, open_set, int8_info)
+    meta["onnx"].update({"max_abs_diff_logits": diff_logits, "max_abs_diff_probs": diff_probs, "checked_images": int(len(x_check))})
+    meta["metrics"]["export_valid"] = {"accuracy": round(acc, 4), "error_rate": round(1 - acc, 4), "n": int(len(y)), "n_unreadable": len(skipped), "views": "single (no test-time augmentation)"}
+    from safetensors.torch import save
+
+    files = {
+        _WEIGHTS_FILE: save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, metadata={"format": FORMAT, "classes": json.dumps(classes), "timm_name": config["timm_name"]}),
+        _ONNX_FILE: onnx_bytes,
+    }
+    if int8_bytes is not None:
+        files[_INT8_FILE] = int8_bytes
+    meta["files"] = {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in files.items()}
+    _write_folder(out, files, meta)
+    say(f"wrote {out}")
+    return ExportResult(out, meta)
+
+
+def _to_onnx(model: Any, size: int, classes: list[str], *, opset: int) -> bytes:
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    x = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        try:
+            torch.onnx.export(
+                model, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True,
+            )  # fmt: skip
+        except Exception as exc:  # the exporter raises many kinds for unsupported operators
+            raise ExportError(f"PyTorch could not convert this model to ONNX opset {opset} ({type(exc).__name__}: {exc}). Try another --opset.") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    proto.doc_string = "Ursa image classifier; preprocessing and classes are in model.json"
+    for k, v in (("ursa_format", FORMAT), ("classes", json.dumps(classes))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    return proto.SerializeToString()
+
+
+def _quantize(onnx_bytes: bytes, train_paths: list[Path], data_config: dict[str, Any], *, n: int) -> tuple[bytes, int]:
+    """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    size = int(data_config["input_size"][-1])
+    step = max(1, len(train_paths) // max(1, n))
+    batches = []
+    for p in train_paths[::step][:n]:
+        try:
+            batches.append(preprocess(decode_image(p, min_side=size), data_config))
+        except BadImageError:
+            continue
+    if not batches:
+        raise ExportError("no training image could be read to calibrate the int8 model. Pass --data with the dataset folder, or export without --int8.")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self._it, None)
+            return None if x is None else {"input": x}
+
+    with tempfile.TemporaryDirectory(prefix="ursa-int8-") as tmp:
+        src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+        return dst.read_bytes(), len(batches)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ursa", "torch", "timm", "onnx", "onnxruntime", "safetensors", "numpy", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, Any], classes: list[str], data_config: dict[str, Any], size: int, opset: int, open_set: dict[str, Any], int8_info: dict[str, Any] | None) -> dict[str, Any]:
+    keep = ("error_rate", "accuracy", "valid_loss", "n_train", "n_valid", "tta", "final_stage")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "classes": classes,
+        "arch": config.get("arch"),
+        "timm_name": config["timm_name"],
+        "num_features": config.get("num_features"),
+        "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": ["batch", len(classes)], "then": "softmax"},
+        "preprocess": {
+            **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in data_config},
+            "resize_short_side": int(math.floor(size / float(data_config.get("crop_pct", 0.875)))),
+            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), resize short side, center crop, /255, (x - mean) / std",
+        },
+        "open_set": open_set,
+        "default_precision": "int8" if int8_info else "fp32",
+        "onnx": {"file": _ONNX_FILE, "opset": opset, "tolerance": ONNX_TOLERANCE},
+        "int8": int8_info,
+        "metrics": {"training": {k: metrics[k] for k in keep if k in metrics}},
+        "versions": {**_versions(), "trained_with_torch": config.get("torch")},
+        "source": {"run": str(run.resolve()), "dataset": config.get("root")},
+    }
+
+
+def _write_folder(out: Path, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export folder is meant to be shared
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _check_out(out)  # again: someone may have written there while we worked
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
