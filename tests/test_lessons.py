@@ -132,3 +132,95 @@ def test_lr_rejects_bad_input(digits) -> None:
         lr_lesson_mod.lr_lesson(xt.reshape(-1, 8, 8), yt, xv, yv)
     with pytest.raises(ValueError, match="one label per row"):
         lr_lesson_mod.lr_lesson(xt, yt[:-1], xv, yv)
+
+
+# ---- epochs: under- and overfitting ----
+
+
+def test_overfitting_shows_valid_loss_rises_while_train_loss_falls(digits, tmp_path) -> None:
+    from ursa.lessons.epochs import epochs_lesson
+
+    out = tmp_path / "epochs.png"
+    r = epochs_lesson(*digits, epochs=40, n_train=150, hidden=256, lr=0.05, out=out)
+    best = r.best_epoch
+    assert 1 <= best < 25
+    assert r.valid_loss[-1] > 1.3 * r.valid_loss[best]  # validation loss rises after its minimum
+    assert r.train_loss[-1] < 0.2 * r.train_loss[best]  # while training loss keeps falling
+    later = r.train_loss[best:]
+    assert sum(b < a for a, b in zip(later, later[1:])) > 0.6 * (len(later) - 1)  # falling most epochs
+    assert r.flipped > 0.2 * r.n_train
+    with Image.open(out) as im:
+        assert im.size[0] > 500
+
+
+def test_label_noise_changes_the_requested_share_to_other_classes() -> None:
+    from ursa.lessons.epochs import add_label_noise
+
+    y = torch.arange(10).repeat(500)
+    noisy, flipped = add_label_noise(y, fraction=0.3, n_classes=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy != y, flipped)  # every flipped label really changed, no other did
+    assert 0.27 < flipped.float().mean().item() < 0.33
+    with pytest.raises(ValueError, match="fraction"):
+        add_label_noise(y, fraction=1.0, n_classes=10, generator=torch.Generator())
+
+
+def test_fit_lesson_underfit_good_overfit(tmp_path) -> None:
+    from ursa.lessons.fit import fit_lesson, make_curve
+
+    out = tmp_path / "fit.png"
+    r = fit_lesson(*make_curve(), out=out)
+    under, good, over = zip(r.train_mse, r.valid_mse)
+    assert over[0] < good[0] < under[0]  # training error always prefers the most flexible model
+    assert good[1] < under[1] and good[1] < over[1]  # validation picks the middle one
+    assert "degree 4" in r.notice
+    with Image.open(out) as im:
+        assert im.size[0] > 500
+    with pytest.raises(ValueError, match="each degree"):
+        fit_lesson(*make_curve(10, 5), degrees=(1, 2, 10))
+
+
+# ---- predict ----
+
+
+def test_predict_is_argmax_and_error_rate_is_mistakes_over_total(digits, tmp_path) -> None:
+    from ursa.lessons.predict import predict_lesson
+
+    out = tmp_path / "predict.png"
+    r = predict_lesson(*digits, image_shape=(8, 8), batch_size=50, show=4, out=out)
+    assert r.probs.shape == (50, 10)
+    torch.testing.assert_close(r.probs.sum(dim=1), torch.ones(50))
+    assert torch.equal(r.preds, r.probs.argmax(dim=1))
+    assert r.error_rate == pytest.approx(r.wrong / 50)
+    assert r.error_rate == pytest.approx((r.probs.argmax(1) != r.targets).float().mean().item())
+    assert len(r.rows()) == 4
+    if r.wrong:
+        assert any(r.preds[i] != r.targets[i] for i in r.shown)  # a mistake is shown when there is one
+    with Image.open(out) as im:
+        assert im.size[0] > 500
+
+
+def test_predict_error_rate_equals_library_metric(digits) -> None:
+    metrics = pytest.importorskip("ursa.train.metrics")
+    from ursa.lessons.predict import predict_lesson
+
+    r = predict_lesson(*digits, batch_size=64)
+    assert r.error_rate == pytest.approx(metrics.error_rate(r.probs, r.targets), abs=1e-6)
+
+
+def test_lessons_import_only_torch_numpy_matplotlib_and_the_standard_library() -> None:
+    import ast
+    import sys
+    from pathlib import Path
+
+    import ursa.lessons
+
+    allowed = {"torch", "numpy", "matplotlib", "__future__"} | set(sys.stdlib_module_names)
+    for path in Path(ursa.lessons.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
