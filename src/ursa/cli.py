@@ -157,13 +157,14 @@ def lr_find(
     flip: FlipOpt = True,
     arch: ArchOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own).")] = None,
 ) -> None:
     """Sweep the learning rate of the head stage (on cached features) and suggest one."""
     from ursa.config import TrainConfig
     from ursa.train.recipe import head_learner
 
     _check_out_file(out)
-    learn = head_learner(data, _data_config(train, valid, labels, valid_pct, seed, flip), TrainConfig(arch=arch, weights=str(weights) if weights else None))
+    learn = head_learner(data, _data_config(train, valid, labels, valid_pct, seed, flip), TrainConfig(arch=arch, weights=str(weights) if weights else None, size=size))
     res = learn.lr_find()
     res.plot(out)
     s = res.suggestion
@@ -221,15 +222,18 @@ def _print_result(res) -> None:  # noqa: ANN001
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo dataset and run.")] = Path("ursa_demo"),
+    per_class: Annotated[Optional[int], typer.Option("--per-class", help="Use only the first N images of each digit (a quicker demo).")] = None,
+    size: Annotated[int, typer.Option("--size", help="Input side in pixels (the digits are 8x8 scans).")] = 96,
+    fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage.")] = 0,
 ) -> None:
     """Train on the embedded default (scikit-learn's handwritten digits) with no network; print where results are."""
     from ursa.config import DataConfig, TrainConfig
     from ursa.data.embedded import write_digits
     from ursa.train.recipe import train_run
 
-    root = write_digits(out / "digits")
+    root = write_digits(out / "digits", per_class=per_class)
     console.print(f"dataset: {root} (scikit-learn's bundled handwritten digits, 10 classes, as PNG class folders)")
-    res = train_run(root, out / "runs" / "digits", data=DataConfig(flip=False), train=TrainConfig(size=96, fine_tune=2, fine_tune_lr=2e-3), console=console)
+    res = train_run(root, out / "runs" / "digits", data=DataConfig(flip=False), train=TrainConfig(size=size, fine_tune=fine_tune), console=console)
     _print_result(res)
     console.print(f"next: open {res.out}/losses.png, or try  ursa info {root}  and  ursa show-batch {root} --no-flip")
 
@@ -663,3 +667,108 @@ def lesson_predict(
     console.print(check)
     if not same:
         raise LessonError("the hand-computed error rate differs from the library's; please report this as a bug.")
+
+
+# ---- export / serve (issue 5) ----
+ModelArg = Annotated[Path, typer.Argument(help="Export folder written by `ursa export` (e.g. models/bears).", show_default=False)]
+Int8Opt = Annotated[bool, typer.Option("--int8", help="Use model.int8.onnx (an export made with --int8).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="onnx (ONNX Runtime), torch (PyTorch on the safetensors weights) or auto.")]
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Training run folder written by `ursa train` (e.g. runs/bears).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Export folder to create; an existing non-empty folder is refused, never overwritten.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx, quantized on training images, and report the accuracy change.")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder, if it moved since training (the export checks the model on the validation images).")] = None,
+    open_set_quantile: Annotated[float, typer.Option("--open-set-quantile", help="Share of correct validation predictions the 'none of these' threshold may reject (0: none).")] = 0.05,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
+) -> None:
+    """Write a safe, portable model folder: model.safetensors + model.json + model.onnx (+ model.int8.onnx), checked on real images."""
+    from rich.table import Table
+
+    from ursa.export import export_run
+
+    res = export_run(run, out, int8=int8, data_root=data, open_set_quantile=open_set_quantile, opset=opset,
+                     on_step=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))  # fmt: skip
+    m = res.meta
+    t = Table(title=f"export {res.out}", show_header=False, title_justify="left")
+    t.add_row("classes", f"{len(m['classes'])}: {', '.join(m['classes'][:12])}{' ...' if len(m['classes']) > 12 else ''}")
+    t.add_row("ONNX vs PyTorch", f"max |logit difference| {m['onnx']['max_abs_diff_logits']:.2e} on {m['onnx']['checked_images']} validation images (limit {m['onnx']['tolerance']:g})")
+    ev = m["metrics"]["export_valid"]
+    t.add_row("validation accuracy", f"{ev['accuracy']:.4f} on {ev['n']} images (single view, as served)")
+    os_ = m["open_set"]
+    t.add_row("'none of these' under", f"{os_['threshold']:.3f} top probability ({os_['valid_accepted']:.1%} of validation images answered)")
+    if m.get("int8"):
+        q = m["int8"]
+        t.add_row("int8", f"accuracy {q['valid_accuracy_int8']:.4f} ({q['accuracy_change']:+.4f} vs fp32), agrees with fp32 on {q['agreement_with_fp32']:.1%}")
+    for name, rec in m["files"].items():
+        t.add_row(name, f"{rec['bytes'] / 2**20:.1f} MiB  sha256 {rec['sha256'][:16]}...")
+    console.print(t)
+    console.print(f"next: ursa predict {res.out} photo.jpg   or   ursa serve {res.out}", highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    model: ModelArg,
+    images: Annotated[list[Path], typer.Argument(help="Image files, folders of images, or glob patterns.", show_default=False)],
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Also write one row per image (with p_<class> columns) to this CSV file.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image.")] = 3,
+    int8: Int8Opt = False,
+    backend: BackendOpt = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime threads (default: its own choice).")] = None,
+    open_set: Annotated[bool, typer.Option("--open-set/--no-open-set", help="Answer 'none of these' under the calibrated threshold.")] = True,
+) -> None:
+    """Classify images with an exported model: label, probability and top classes per image. Unreadable files become error rows."""
+    from rich.table import Table
+
+    from ursa.errors import ExportError
+    from ursa.export import expand_image_paths, load_model, predict_paths, write_predictions_csv
+
+    if top_k < 1:
+        raise ExportError(f"--top-k must be at least 1, got {top_k}.")
+    if csv_out is not None and csv_out.is_dir():
+        raise ExportError(f"--csv {csv_out} is a folder. Pass a file name such as {csv_out / 'preds.csv'}.")
+    predictor = load_model(model, backend=backend, precision="int8" if int8 else "fp32", threads=threads, open_set=open_set)
+    paths = expand_image_paths(images)
+    rows = predict_paths(predictor, paths, top_k=top_k)
+    t = Table(title=f"{model} ({predictor.backend}, {predictor.precision})", title_justify="left")
+    for col in ("image", "label", "prob", "top"):
+        t.add_column(col, justify="right" if col == "prob" else "left")
+    shown = 200
+    for r in rows[:shown]:
+        if r["status"] == "ok":
+            t.add_row(r["path"], r["label"], f"{r['prob']:.3f}", ", ".join(f"{c} {p:.2f}" for c, p in r["top"]))
+        else:
+            t.add_row(r["path"], "[red]error[/]", "", r["error"])
+    console.print(t)
+    if len(rows) > shown:
+        console.print(f"... {len(rows) - shown} more rows{' in ' + str(csv_out) if csv_out else ' (pass --csv to keep them all)'}")
+    failed = sum(r["status"] != "ok" for r in rows)
+    if csv_out is not None:
+        write_predictions_csv(rows, csv_out, predictor.classes)
+        console.print(f"wrote {csv_out} ({len(rows)} rows)", highlight=False)
+    if failed:
+        err_console.print(f"[yellow]{failed} of {len(rows)} image(s) could not be read[/] (listed as errors).")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: ModelArg,
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every network.")] = "127.0.0.1",
+    int8: Int8Opt = False,
+    backend: BackendOpt = "auto",
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Predictions running at once (default: cores, at most 4).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime threads per prediction (default: cores / concurrency).")] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest upload accepted, in MiB.")] = 10.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No access log.")] = False,
+) -> None:
+    """Serve a web page and a JSON API (POST /predict, GET /health, GET /model, /docs) for an exported model."""
+    from ursa.web.predict_app import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]note:[/] binding {host}: other machines can reach this server.", highlight=False)
+    console.print(f"serving {model} at http://{host}:{port}/  (API docs at /docs; Ctrl-C stops)", highlight=False)
+    serve(model, host=host, port=port, concurrency=concurrency, threads=threads, max_upload_bytes=int(max_upload_mb * 2**20),
+          backend=backend, precision="int8" if int8 else "fp32", access_log=not quiet)  # fmt: skip

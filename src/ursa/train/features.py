@@ -159,9 +159,10 @@ class FeatureCache:
             ok = [j for j, reason in enumerate(new.failed_reasons) if reason is None]
             failed = [Skipped(names[missing[j]], r) for j, r in enumerate(new.failed_reasons) if r is not None]
             add_keys = [want[missing[j]] for j in ok]
-            add = new.feats[ok]
+            # kept as float16, as stored, so a fresh run and a cached re-run see identical features
+            add = new.feats[ok].astype(np.float16)
             keys = keys + add_keys
-            feats = add if feats is None else np.concatenate([feats, add.astype(feats.dtype)])
+            feats = add if feats is None else np.concatenate([feats.astype(np.float16), add])
             index = {k: i for i, k in enumerate(keys)}
             self._store(view, keys, feats)
         elif progress is not None:

@@ -1,0 +1,124 @@
+"""Schedules, lr_find, the Learner's freeze / unfreeze / save / load, and the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ursa.errors import TrainError
+from ursa.train.learner import Head, Learner, body_groups
+from ursa.train.metrics import accuracy, error_rate
+from ursa.train.schedule import one_cycle, smooth, split_lrs, suggest_lr
+
+
+def test_one_cycle_warms_up_then_anneals() -> None:
+    lrs = [one_cycle(s, 100, 1e-2)[0] for s in range(100)]
+    peak = int(np.argmax(lrs))
+    assert 20 <= peak <= 30 and lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] == pytest.approx(1e-2 / 1e5)
+    moms = [one_cycle(s, 100, 1e-2)[1] for s in range(100)]
+    assert moms[peak] == pytest.approx(0.85, abs=1e-3) and moms[0] == pytest.approx(0.95)
+
+
+def test_split_lrs() -> None:
+    assert split_lrs(slice(1e-5, 1e-3), 3) == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert split_lrs(slice(None, 1e-3), 3) == pytest.approx([1e-4, 1e-4, 1e-3])
+    assert split_lrs(2e-3, 2) == [2e-3, 2e-3]
+
+
+def test_suggestion_lands_on_the_falling_slope() -> None:
+    lrs = np.geomspace(1e-6, 1, 100)
+    x = np.log10(lrs)
+    losses = 2 - 1.5 / (1 + np.exp(-(x + 3) * 3)) + np.where(x > -1, (x + 1) ** 2 * 5, 0)  # falls around 1e-3, blows up after 1e-1
+    s = suggest_lr(lrs, smooth(losses, 0.5))
+    assert 1e-4 < s.valley < 5e-2 and 1e-4 < s.steep < 1e-2 and s.minimum < 1e-1
+
+
+def _toy(n: int = 256, d: int = 8, k: int = 3, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * 3
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centers[y] + torch.randn(n, d, generator=g)
+    tr = DataLoader(TensorDataset(x[: n * 3 // 4], y[: n * 3 // 4]), batch_size=32, shuffle=True, generator=g)
+    va = DataLoader(TensorDataset(x[n * 3 // 4 :], y[n * 3 // 4 :]), batch_size=64)
+    return tr, va
+
+
+def _learner(tmp_path: Path) -> Learner:
+    tr, va = _toy()
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16))
+    head = Head(16, 3)
+    model = nn.Sequential(body, head)
+    return Learner(model, tr, va, classes=["a", "b", "c"], groups=[*body_groups(body, 2), list(head.parameters())], path=tmp_path, progress=False)
+
+
+def test_fit_one_cycle_learns_and_records(tmp_path: Path) -> None:
+    learn = _learner(tmp_path)
+    before = learn.validate()["valid_loss"]
+    learn.fit_one_cycle(4, 1e-2)
+    after = learn.validate()
+    assert after["valid_loss"] < before * 0.5 and after["error_rate"] < 0.1
+    assert after["error_rate"] == pytest.approx(1 - after["accuracy"])
+    assert len(learn.recorder.rows) == 4 and len(learn.recorder.batch_losses) == 4 * len(learn.train_dl)
+    learn.recorder.to_csv(tmp_path / "h.csv")
+    assert (tmp_path / "h.csv").read_text().startswith("stage,epoch,train_loss,valid_loss,error_rate,accuracy")
+
+
+def test_freeze_unfreeze_and_discriminative_lrs(tmp_path: Path) -> None:
+    learn = _learner(tmp_path)
+    learn.freeze()
+    body_linear = learn.model[0][0].weight
+    bn = learn.model[0][1].weight
+    assert not body_linear.requires_grad and bn.requires_grad  # BatchNorm stays trainable when frozen
+    w0 = body_linear.detach().clone()
+    learn.fit_one_cycle(1, 1e-2)
+    assert torch.equal(w0, body_linear)
+    learn.unfreeze()
+    assert body_linear.requires_grad
+    learn.fit_one_cycle(1, slice(1e-5, 1e-3))
+    assert not torch.equal(w0, body_linear)
+
+
+def test_lr_find_restores_weights_and_suggests(tmp_path: Path) -> None:
+    learn = _learner(tmp_path)
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    res = learn.lr_find(num_it=60)
+    assert all(torch.equal(state[k], v) for k, v in learn.model.state_dict().items())
+    assert 1e-7 <= res.suggestion.valley <= 10 and len(res.lrs) == len(res.losses) >= 4
+    fig = res.plot(tmp_path / "lr.png")
+    assert fig is not None and (tmp_path / "lr.png").stat().st_size > 5000
+
+
+def test_save_load_predict_and_wrong_checkpoint(tmp_path: Path) -> None:
+    learn = _learner(tmp_path)
+    learn.fit_one_cycle(2, 1e-2)
+    p = learn.save("stage-1")
+    assert p.suffix == ".safetensors" and p.read_bytes()[:8] != b"\x80\x02"  # not a pickle
+    x = next(iter(learn.valid_dl))[0][:1]
+    label, idx, probs = learn.predict(x[0])
+    learn2 = _learner(tmp_path)
+    learn2.load("stage-1")
+    assert learn2.predict(x[0])[1] == idx and label in learn.classes and probs.sum() == pytest.approx(1.0)
+    with pytest.raises(TrainError, match="does not exist"):
+        learn2.load("nope")
+    other = Learner(nn.Linear(8, 3), learn.train_dl, learn.valid_dl, classes=["a", "b", "c"], path=tmp_path, progress=False)
+    with pytest.raises(TrainError, match="does not fit"):
+        other.load("stage-1")
+
+
+def test_diverging_learning_rate_is_a_clear_error(tmp_path: Path) -> None:
+    learn = _learner(tmp_path)
+    learn.loss_func = lambda out, y: out.sum() * float("inf")
+    with pytest.raises(TrainError, match="too high"):
+        learn.fit_one_cycle(1, 1e-2)
+
+
+def test_metrics() -> None:
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = torch.tensor([0, 1, 1, 1])
+    assert accuracy(p, y) == 0.75 and error_rate(p, y) == 0.25
