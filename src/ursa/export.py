@@ -26,6 +26,7 @@ below it the prediction is `NONE_OF_THESE`.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -51,12 +52,16 @@ __all__ = [
     "NONE_OF_THESE",
     "ONNX_TOLERANCE",
     "BadImageError",
+    "NotAnImageError",
     "ImageTooLargeError",
     "ExportResult",
     "Prediction",
     "Predictor",
     "export_run",
     "load_model",
+    "expand_image_paths",
+    "predict_paths",
+    "write_predictions_csv",
     "read_export",
     "decode_image",
     "preprocess",
@@ -74,6 +79,10 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 class BadImageError(ExportError):
     """The input is not an image Pillow can decode (or it is truncated)."""
+
+
+class NotAnImageError(BadImageError):
+    """The input is not in any image format Pillow knows."""
 
 
 class ImageTooLargeError(BadImageError):
@@ -97,13 +106,15 @@ def decode_image(src: Any, *, min_side: int | None = None, max_pixels: int = MAX
         return _to_rgb(src)
     name = "the upload" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
     try:
-        im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, with our limit
+            im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
     except FileNotFoundError:
         raise BadImageError(f"{name} does not exist. Check the path.") from None
     except IsADirectoryError:
         raise BadImageError(f"{name} is a folder, not an image file.") from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{name} is not an image Pillow can read. Send a JPEG, PNG, WebP, GIF or BMP file.") from None
+        raise NotAnImageError(f"{name} is not an image Pillow can read. Send a JPEG, PNG, WebP, GIF or BMP file.") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
     except OSError as exc:
@@ -167,10 +178,20 @@ def preprocess(im: Image.Image, data_config: dict[str, Any]) -> np.ndarray:
         canvas.paste(im, ((max(nw, size) - nw) // 2, (max(nh, size) - nh) // 2))
         im, (nw, nh) = canvas, canvas.size
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    im = im.crop((left, top, left + size, top + size))
-    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (S, S, 3)
-    x = (x - mean) / std
-    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
+    a = np.asarray(im.crop((left, top, left + size, top + size)))  # (S, S, 3) uint8
+    # A per-channel table of the 256 possible values, computed with the same float32 operations as
+    # torchvision's ToDtype(scale=True) + Normalize, so the lookup is exact and ~5x faster.
+    lut = _norm_table(tuple(mean.tolist()), tuple(std.tolist()))
+    x = np.empty((1, 3, size, size), np.float32)
+    for c in range(3):
+        np.take(lut[c], a[:, :, c], out=x[0, c])
+    return x
+
+
+@functools.lru_cache(maxsize=8)
+def _norm_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    v = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    return np.stack([(v - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)])  # (3, 256) float32
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -309,8 +330,8 @@ class Predictor:
     """A loaded export folder: `predict(image) -> (label, index, probs)`.
 
     `backend` is "onnx" (ONNX Runtime, the default when installed), "torch" (the safetensors weights
-    in PyTorch) or "auto". `precision` "fp32" or "int8" picks the ONNX file (default: what the export
-    recorded as its default). `threads` sets ONNX Runtime's intra-op threads (None: its default);
+    in PyTorch) or "auto". `precision` "fp32" (default) or "int8" (an export made with --int8) picks the
+    ONNX file. `threads` sets ONNX Runtime's intra-op threads (None: its default);
     `spin=False` lets idle worker threads sleep (better when a server shares the cores).
     `open_set=False` never answers NONE_OF_THESE. A Predictor is safe to call from several threads.
     """
@@ -332,7 +353,7 @@ class Predictor:
         meta, _ = read_export(self.folder, files=[])
         if backend == "auto":
             backend = "onnx" if _has_onnxruntime() else "torch"
-        precision = precision or meta.get("default_precision", "fp32")
+        precision = precision or "fp32"
         if precision not in ("fp32", "int8"):
             raise ExportError(f"precision must be 'fp32' or 'int8', not {precision!r}.")
         if backend == "torch" and precision == "int8":
@@ -718,7 +739,6 @@ def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, A
             "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), resize short side, center crop, /255, (x - mean) / std",
         },
         "open_set": open_set,
-        "default_precision": "int8" if int8_info else "fp32",
         "onnx": {"file": _ONNX_FILE, "opset": opset, "tolerance": ONNX_TOLERANCE},
         "int8": int8_info,
         "metrics": {"training": {k: metrics[k] for k in keep if k in metrics}},
@@ -742,3 +762,65 @@ def _write_folder(out: Path, files: dict[str, bytes], meta: dict[str, Any]) -> N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# batch prediction (the `ursa predict` command)
+# ---------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def expand_image_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Paths as given, with folders replaced by their image files (sorted, not recursive) and glob
+    patterns the shell did not expand (quoted, or on Windows) expanded; a pattern matching nothing is
+    kept so that it becomes an error row."""
+    import glob
+
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+        elif not p.exists() and any(ch in str(raw) for ch in "*?["):
+            out.extend(Path(m) for m in sorted(glob.glob(str(raw))) or [str(raw)])
+        else:
+            out.append(p)
+    return out
+
+
+def predict_paths(predictor: Predictor, paths: Sequence[str | os.PathLike[str]], *, top_k: int = 3, on_done: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """One row per path: {path, status "ok" | "error", label, index, prob, best, top, error, probs}.
+
+    A file that cannot be read becomes a row with status "error" and the reason; nothing raises.
+    `probs` is the (n_classes,) array, or None for an error row.
+    """
+    rows: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        try:
+            pred = predictor.predict_image(path, top_k=top_k)
+            rows.append({"path": str(path), "status": "ok", "label": pred.label, "index": pred.index, "prob": pred.prob, "best": pred.best, "top": pred.top, "error": "", "probs": pred.probs})
+        except BadImageError as exc:
+            rows.append({"path": str(path), "status": "error", "label": "", "index": None, "prob": None, "best": "", "top": [], "error": str(exc), "probs": None})
+        if on_done:
+            on_done(i + 1, len(paths))
+    return rows
+
+
+def write_predictions_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], classes: Sequence[str]) -> Path:
+    """Write `predict_paths` rows as CSV (atomically): path,status,label,prob,best,top,error,p_<class>...
+
+    `top` is "class:prob" pairs joined by "; "; probabilities have 6 decimals; error rows leave them empty.
+    """
+    import csv
+
+    from ursa._io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "status", "label", "prob", "best", "top", "error", *[f"p_{c}" for c in classes]])
+    for r in rows:
+        probs = [f"{float(v):.6f}" for v in r["probs"]] if r["probs"] is not None else [""] * len(classes)
+        top = "; ".join(f"{c}:{p:.4f}" for c, p in r["top"])
+        w.writerow([r["path"], r["status"], r["label"], "" if r["prob"] is None else f"{r['prob']:.6f}", r["best"], top, r["error"], *probs])
+    return atomic_write_text(path, buf.getvalue())

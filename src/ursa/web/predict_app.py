@@ -1,0 +1,260 @@
+"""The prediction page and JSON API for an export folder (`ursa serve models/bears`).
+
+`create_predict_app(folder)` serves:
+
+- `GET /` a page (plain HTML + JS): upload, drag-and-drop or paste a photo, see the top classes as bars;
+- `POST /predict` the image as multipart field `file`, or as the raw request body -> JSON
+  `{label, index, prob, best, rejected, top: [{label, prob}], ms, threshold}`; `?top_k=` (1..100);
+- `GET /health` liveness and the loaded model; `GET /model` model.json (less local paths);
+- `GET /docs`, `GET /openapi.json` the OpenAPI description.
+
+Safety and load: bodies over `max_upload_bytes` get 413 (checked on Content-Length and while reading),
+images over `max_pixels` get 413 before they are decoded (decompression bombs), anything that is not
+an image gets 415 and a damaged image 422, each with a JSON `{"detail": ...}` that says what to send.
+Decoding and inference run in the thread pool, at most `concurrency` at a time; when more than
+`max_queue` requests wait, new ones get 503 at once instead of piling up.
+
+This module imports only `ursa.export` and `ursa.errors` from Ursa: serving never needs the training code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from ursa.errors import ServeError
+from ursa.export import MAX_PIXELS, BadImageError, ImageTooLargeError, NotAnImageError, Predictor
+
+__all__ = ["create_predict_app", "serve", "default_workers", "PredictionOut", "MAX_UPLOAD_BYTES"]
+
+HERE = Path(__file__).resolve().parent
+MAX_UPLOAD_BYTES = 10 * 2**20  # default request body limit: 10 MiB
+_MULTIPART_SLACK = 64 * 2**10  # room for multipart boundaries and headers around the file
+
+
+class TopClass(BaseModel):
+    label: str
+    prob: float
+
+
+class PredictionOut(BaseModel):
+    """The answer of `POST /predict`."""
+
+    label: str  # the class, or "none of these" under the open-set threshold
+    index: int  # class index; -1 for "none of these"
+    prob: float  # top probability, 0..1
+    best: str  # the most probable class, also when rejected
+    rejected: bool
+    top: list[TopClass]
+    ms: dict[str, float]  # decode / preprocess / model / total milliseconds on the server
+    threshold: float
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: multipart/form-data with the field `file`, or the raw bytes of the image file as the body.",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    400: {"description": "No image in the request"},
+    413: {"description": "Upload or image dimensions over the limit"},
+    415: {"description": "Not an image"},
+    422: {"description": "Damaged image or bad parameter"},
+    503: {"description": "Too many requests waiting; retry"},
+}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Fail(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def default_workers(cpus: int | None = None) -> tuple[int, int]:
+    """(concurrent inferences, ONNX Runtime threads each) for a machine with `cpus` cores.
+
+    Several single-threaded inferences side by side use the cores better than one multi-threaded
+    inference at a time under load (no thread hand-offs), and leave the event loop a share.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    concurrency = max(1, min(4, cpus))
+    return concurrency, max(1, cpus // concurrency)
+
+
+def create_predict_app(
+    model: str | os.PathLike[str] | Predictor,
+    *,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    concurrency: int | None = None,
+    threads: int | None = None,
+    max_queue: int = 64,
+    backend: str = "auto",
+    precision: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving one export folder (or an already loaded Predictor).
+
+    `concurrency` inferences run at once (default: `default_workers()`), each with `threads` ONNX
+    Runtime threads. Raises ExportError when the folder cannot be loaded, ServeError on bad limits.
+    """
+    if max_upload_bytes < 1 or max_pixels < 1 or max_queue < 0:
+        raise ServeError("the upload limit and pixel limit must be positive and the queue length at least 0.")
+    conc, thr = default_workers()
+    concurrency = concurrency or conc
+    if concurrency < 1:
+        raise ServeError(f"concurrency must be at least 1, got {concurrency}.")
+    if isinstance(model, Predictor):
+        predictor = model
+    else:
+        predictor = Predictor(model, backend=backend, precision=precision, threads=threads or thr, spin=False, max_pixels=max_pixels)
+    predictor.max_pixels = max_pixels
+    meta = {k: v for k, v in predictor.meta.items() if k != "source"}  # local paths are not the client's business
+    name = str(meta.get("name") or predictor.folder.name)
+    app = FastAPI(
+        title=f"Ursa classifier: {name}",
+        version=str(meta.get("versions", {}).get("ursa", "")),
+        description=f"Classifies a photo as one of {len(predictor.classes)} classes ({', '.join(predictor.classes[:20])}{', ...' if len(predictor.classes) > 20 else ''}), or \"none of these\".",
+    )
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    gate = asyncio.Semaphore(concurrency)
+    waiting = 0
+    limit_mb = max_upload_bytes / 2**20
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(request: Request) -> HTMLResponse:
+        ctx = {"name": name, "classes": predictor.classes, "limit_mb": f"{limit_mb:g}", "threshold": predictor.threshold}
+        resp = templates.TemplateResponse(request, "predict.html", ctx)
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+        return resp
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness: `status` "ok" and what is loaded."""
+        return {"status": "ok", "model": name, "classes": len(predictor.classes), "backend": predictor.backend, "precision": predictor.precision}
+
+    @app.get("/model")
+    async def model_info() -> dict[str, Any]:
+        """The export's model.json: classes, architecture, preprocessing, open-set threshold, metrics, versions, file hashes."""
+        return meta
+
+    async def read_image(request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "")
+        multipart = ctype.startswith("multipart/form-data")
+        limit = max_upload_bytes + (_MULTIPART_SLACK if multipart else 0)
+        too_big = _Fail(413, f"the upload is over the limit of {limit_mb:g} MiB. Send a smaller image (resize it to a few megapixels).")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        received = 0
+
+        async def receive() -> Any:
+            nonlocal received
+            message = await request.receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        limited = Request(request.scope, receive)
+        try:
+            if multipart:
+                form = await limited.form(max_files=1, max_fields=16)
+                try:
+                    upload = form.get("file")
+                    if upload is None or isinstance(upload, str):
+                        raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
+                    data = await upload.read()
+                finally:
+                    await form.close()
+            else:
+                data = await limited.body()
+        except _TooLarge:
+            raise too_big from None
+        if len(data) > max_upload_bytes:
+            raise too_big
+        if not data:
+            raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
+        return data
+
+    @app.post("/predict", response_model=PredictionOut, openapi_extra=_BODY_DOC, responses=_ERRORS_DOC)
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
+        """Classify one image: its label (or "none of these"), probability and the top classes."""
+        nonlocal waiting
+        try:
+            data = await read_image(request)
+            if waiting >= max_queue + concurrency:
+                raise _Fail(503, "the server is busy. Retry in a moment.")
+            waiting += 1
+            try:
+                async with gate:
+                    pred = await run_in_threadpool(predictor.predict_image, data, top_k=top_k)
+            finally:
+                waiting -= 1
+        except _Fail as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        except ImageTooLargeError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        except NotAnImageError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=415)
+        except BadImageError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return {**pred.to_dict(), "threshold": predictor.threshold}
+
+    return app
+
+
+def serve(
+    folder: str | os.PathLike[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    concurrency: int | None = None,
+    threads: int | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    backend: str = "auto",
+    precision: str | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
+    """Load `folder` and serve it with Uvicorn until interrupted (Ctrl-C).
+
+    Binds `host` (loopback by default: pass 0.0.0.0 only to serve other machines). Raises ExportError
+    for a bad folder and ServeError when the port is taken.
+    """
+    import socket
+
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise ServeError(f"--port must be between 1 and 65535, got {port}.")
+    app = create_predict_app(folder, max_upload_bytes=max_upload_bytes, concurrency=concurrency, threads=threads, backend=backend, precision=precision)
+    try:  # fail with a clear message instead of uvicorn's log line and exit(1)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}). Another program is using the port: pass another --port.") from None
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log, limit_concurrency=256, timeout_keep_alive=10, server_header=False)
+    uvicorn.Server(config).run()
