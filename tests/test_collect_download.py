@@ -150,8 +150,10 @@ def test_resume_after_ctrl_c_neither_duplicates_nor_loses(server: FaultServer, t
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_resume_after_kill_adopts_files_written_before_the_manifest(server: FaultServer, tmp_path: Path) -> None:
-    """A killed process may have stored files its manifest never recorded; a re-run adopts them, no copies."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_resume_after_a_signal(server: FaultServer, tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C saves the manifest and exits 130; a killed process may have stored files its manifest never
+    recorded, which a re-run adopts. Either way the re-run completes with no copies and no partial files."""
     server.delay = 0.05
     urls = [server.url(f"img/{i}") for i in range(60)]
     lst = tmp_path / "urls_a.txt"
@@ -164,9 +166,13 @@ def test_resume_after_kill_adopts_files_written_before_the_manifest(server: Faul
         while time.monotonic() < deadline and len(list((root / "a").glob("0*"))) < 6:
             time.sleep(0.02)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert len(list((root / "a").glob("0*"))) >= 6, "the download never got going"
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=30)
+    stored = len(list((root / "a").glob("0*")))
+    assert stored >= 6, "the download never got going"
+    if sig == signal.SIGINT:
+        assert code == 130
+        assert sum(r["status"] == "ok" for r in rows(root).values()) == stored  # saved on the way out
     # simulate a kill in the middle of a write: our own temp file left behind
     (root / "a" / ".00000999.jpg.abc123.tmp").write_bytes(b"\xff\xd8half")
     download([Job(u, "a") for u in urls], root)

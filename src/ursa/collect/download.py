@@ -25,6 +25,7 @@ import io
 import os
 import random
 import re
+import sys
 import time
 import warnings
 from collections import Counter, deque
@@ -106,6 +107,10 @@ class DownloadReport:
 
 class NotAnImage(Exception):
     """Raised by `sniff_image` with a short reason; becomes a `failed` manifest row, never reaches a user."""
+
+
+class _Stop(Exception):
+    """Carries an exception raised by the progress callback out of a worker; its cause is re-raised."""
 
 
 class _Fail(Exception):
@@ -327,19 +332,24 @@ class _Downloader:
 
     # -- the run --------------------------------------------------------------------------------------
     async def run(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        """Fetch every queued job. Stops cleanly (workers cancelled, connections closed) on cancellation
+        (Ctrl-C under asyncio.run) or when `on_progress` raises, which is then re-raised."""
         cfg = self.cfg
         self._notify()
         pending = sum(len(q) for q in self.queues.values())
         client = _Fetcher(cfg, transport or _HostRouter(per_host=cfg.per_host))
+        workers = [asyncio.create_task(self._worker(client)) for _ in range(min(cfg.concurrency, pending))]
         try:
-            workers = [asyncio.create_task(self._worker(client)) for _ in range(min(cfg.concurrency, pending))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
+            await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
         finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await client.transport.aclose()
+        for w in workers:
+            if not w.cancelled() and w.exception() is not None:
+                exc = w.exception()
+                raise exc.__cause__ if isinstance(exc, _Stop) and exc.__cause__ is not None else exc  # type: ignore[misc]
 
     async def _worker(self, client: _Fetcher) -> None:
         while True:
@@ -357,7 +367,12 @@ class _Downloader:
                 store.inflight -= 1
                 async with self.cond:
                     self.cond.notify_all()
-            self._notify()
+            try:
+                self._notify()
+            except BaseException as exc:  # noqa: BLE001 - e.g. KeyboardInterrupt from the callback: stop every worker
+                # asyncio would let a KeyboardInterrupt escape the event loop mid-step; as an ordinary
+                # exception it stops the run in order, and run() re-raises the original.
+                raise _Stop() from exc
 
     async def _one(self, client: _Fetcher, job: Job, store: _ClassStore) -> None:
         host = self.hosts.setdefault(_origin(job.url), asyncio.Semaphore(self.cfg.per_host))
@@ -382,6 +397,9 @@ class _Downloader:
     async def _get(self, client: _Fetcher, url: str) -> tuple[int, bytes]:
         cfg = self.cfg
         try:
+            if sys.version_info >= (3, 11):  # a deadline on this task; wait_for would start a task per request
+                async with asyncio.timeout(cfg.total_timeout):
+                    return await client.get(url)
             return await asyncio.wait_for(client.get(url), cfg.total_timeout)
         except asyncio.TimeoutError as exc:
             raise _Fail(f"timeout: the response took longer than {cfg.total_timeout:g} s") from exc
@@ -415,12 +433,23 @@ class _Downloader:
         rel = f"{job.cls}/{store.next_number:08d}{ext}"
         store.next_number += 1
         store.by_sha[sha] = rel  # claimed before the write, so a copy arriving meanwhile is a duplicate
+        write = asyncio.get_running_loop().run_in_executor(None, atomic_write_bytes, self.root / rel, body)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, atomic_write_bytes, self.root / rel, body)
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Stopping (Ctrl-C): the thread finishes this write anyway, so wait for it and record
+                # the file, keeping the saved manifest in step with the folder.
+                await write
+                self._stored(job, store, rel, common)
+                raise
         except OSError as exc:
             del store.by_sha[sha]
             self._fail(job, f"write: cannot write {rel}: {exc.strerror or exc}", attempts=attempts, status=status)
             return
+        self._stored(job, store, rel, common)
+
+    def _stored(self, job: Job, store: _ClassStore, rel: str, common: dict[str, object]) -> None:
         self._row(job, status="ok", file=rel, **common)
         store.ok += 1
         self._count(job.cls, "ok")
