@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -117,8 +118,10 @@ def decode_image(src: Any, *, min_side: int | None = None, max_pixels: int = MAX
         raise NotAnImageError(f"{name} is not an image Pillow can read. Send a JPEG, PNG, WebP, GIF or BMP file.") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
+    except PermissionError:
+        raise BadImageError(f"cannot read {name}: permission denied.") from None
     except OSError as exc:
-        raise BadImageError(f"could not open {name}: {exc}.") from None
+        raise BadImageError(f"{name} is a damaged or truncated image ({exc}).") from None
     w, h = im.size
     if w * h > max_pixels:
         raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.0f}. Send a smaller image.")
@@ -675,8 +678,7 @@ def _to_onnx(model: Any, size: int, classes: list[str], *, opset: int) -> bytes:
 
 def _quantize(onnx_bytes: bytes, train_paths: list[Path], data_config: dict[str, Any], *, n: int) -> tuple[bytes, int]:
     """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on training images."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     size = int(data_config["input_size"][-1])
     step = max(1, len(train_paths) // max(1, n))
@@ -702,10 +704,22 @@ def _quantize(onnx_bytes: bytes, train_paths: list[Path], data_config: dict[str,
         src.write_bytes(onnx_bytes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+            logging.disable(logging.WARNING)  # the quantizer logs per-tensor notes on the root logger
+            try:
+                _quantize_files(src, pre, dst, _Reader())
+            finally:
+                logging.disable(logging.NOTSET)
         return dst.read_bytes(), len(batches)
+
+
+def _quantize_files(src: Path, pre: Path, dst: Path, reader: Any) -> None:
+    """ONNX Runtime's recommended pre-processing (shape inference, fusions), then static QDQ quantization."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
 
 
 def _versions() -> dict[str, str]:
