@@ -193,14 +193,16 @@ def epochs_lesson(
 
 def _plot(result: EpochsResult, out: str | Path) -> None:
     """Left: train and valid loss by epoch, with the under- and overfitting regions. Right: error rates."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window, works on a machine with no display
-    import matplotlib.pyplot as plt
+    # A bare Figure on an Agg canvas: files only, no window, and no pyplot state touched (calling a
+    # lesson in a notebook leaves its inline plots alone, and nothing stays open afterwards).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = range(len(result.valid_loss))
     last, best = len(result.valid_loss) - 1, result.best_epoch
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_err = fig.subplots(1, 2)
     for ax in (ax_loss, ax_err):
         ax.axvspan(0, best, color="tab:blue", alpha=0.07)
         ax.axvspan(best, last, color="tab:red", alpha=0.07)
@@ -230,4 +232,3 @@ def _plot(result: EpochsResult, out: str | Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)

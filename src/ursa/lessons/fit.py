@@ -115,16 +115,18 @@ def _plot(
     out: str | Path,
 ) -> None:
     """One panel per model: the curve, training points (filled) and validation points (hollow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window, works on a machine with no display
-    import matplotlib.pyplot as plt
+    # A bare Figure on an Agg canvas: files only, no window, and no pyplot state touched (calling a
+    # lesson in a notebook leaves its inline plots alone, and nothing stays open afterwards).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     lo, hi = min(xt.min(), xv.min()), max(xt.max(), xv.max())
     grid = np.linspace(lo, hi, 400)
     span = max(yt.max(), yv.max()) - min(yt.min(), yv.min())
     ylim = (min(yt.min(), yv.min()) - 0.3 * span, max(yt.max(), yv.max()) + 0.3 * span)
-    fig, axes = plt.subplots(1, len(fits), figsize=(4.4 * len(fits), 4.2), dpi=100, sharey=True)
+    fig = Figure(figsize=(4.4 * len(fits), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(fits), sharey=True)
     for ax, poly, name, d, tr, va in zip(
         np.atleast_1d(axes), fits, result.names, result.degrees, result.train_mse, result.valid_mse
     ):
@@ -141,4 +143,3 @@ def _plot(
     fig.suptitle("Underfitting, a good fit and overfitting on the same noisy points")
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)

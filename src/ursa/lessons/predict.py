@@ -173,17 +173,16 @@ def predict_lesson(
 
 def _plot(result: PredictResult, images: np.ndarray | None, out: str | Path) -> None:
     """One column per shown image: the image (if known) above a bar chart of its class probabilities."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window, works on a machine with no display
-    import matplotlib.pyplot as plt
+    # A bare Figure on an Agg canvas: files only, no window, and no pyplot state touched (calling a
+    # lesson in a notebook leaves its inline plots alone, and nothing stays open afterwards).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     k = len(result.shown)
     n_rows = 2 if images is not None else 1
-    fig, axes = plt.subplots(
-        n_rows, k, figsize=(2.3 * k + 0.8, 2.4 * n_rows + 1.6), dpi=100, squeeze=False,
-        gridspec_kw={"height_ratios": [1, 1.4] if n_rows == 2 else [1]},
-    )
+    fig = Figure(figsize=(2.3 * k + 0.8, 2.4 * n_rows + 1.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, k, squeeze=False, gridspec_kw={"height_ratios": [1, 1.4] if n_rows == 2 else [1]})
     positions = np.arange(len(result.classes))
     for col, i in enumerate(result.shown):
         pred, true = int(result.preds[i]), int(result.targets[i])
@@ -216,4 +215,3 @@ def _plot(result: PredictResult, images: np.ndarray | None, out: str | Path) -> 
     )
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)

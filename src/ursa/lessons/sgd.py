@@ -178,10 +178,10 @@ def _animate(
     max_frames: int = 60,
 ) -> None:
     """Two panels: the points with the line after step t, and the loss curve up to step t."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window, works on a machine with no display
-    import matplotlib.pyplot as plt
+    # A bare Figure on an Agg canvas: files only, no window, and no pyplot state touched (calling a
+    # lesson in a notebook leaves its inline plots alone, and nothing stays open afterwards).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.animation import HTMLWriter, PillowWriter
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
@@ -195,7 +195,9 @@ def _animate(
         frames.append(steps - 1)
 
     dpi = 72
-    fig, (ax_fit, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), dpi=dpi)
+    fig = Figure(figsize=(10, 4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax_fit, ax_loss = fig.subplots(1, 2)
     ax_fit.scatter(xs, ys, s=14, color="tab:blue", alpha=0.7, label="data: y = x@a + noise")
     if result.a_true[0] == result.a_true[0]:  # not NaN: the true line is known
         ax_fit.plot(grid, grid * result.a_true[0] + result.a_true[1], "--", color="gray", label="true line")
@@ -238,12 +240,12 @@ def _animate(
         for artist in moving:
             artist.axes.draw_artist(artist)
         images.append(np.asarray(fig.canvas.buffer_rgba()).copy())
-    plt.close(fig)
 
     # Play the frames back through matplotlib's writers: PillowWriter for the GIF and HTMLWriter with
     # embedded frames (what FuncAnimation.to_jshtml uses) for a page that plays inline in a notebook.
     height, width = images[0].shape[:2]
-    player = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    player = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(player)
     screen = player.add_axes((0.0, 0.0, 1.0, 1.0))
     screen.set_axis_off()
     shown = screen.imshow(images[0], interpolation="none", aspect="auto")
@@ -252,11 +254,8 @@ def _animate(
         writers.append((PillowWriter(fps=fps), str(out)))
     if html is not None:
         writers.append((HTMLWriter(fps=fps, embed_frames=True, default_mode="once"), str(html)))
-    try:
-        for writer, path in writers:
-            with writer.saving(player, path, dpi=dpi):  # type: ignore[attr-defined]
-                for image in images:
-                    shown.set_data(image)
-                    writer.grab_frame()  # type: ignore[attr-defined]
-    finally:
-        plt.close(player)
+    for writer, path in writers:
+        with writer.saving(player, path, dpi=dpi):  # type: ignore[attr-defined]
+            for image in images:
+                shown.set_data(image)
+                writer.grab_frame()  # type: ignore[attr-defined]
