@@ -105,7 +105,7 @@ class VerifyReport:
         return sum(any(c.startswith("shrunk") for c in r.changes) for r in self.results)
 
     def by_label(self) -> dict[str, dict[str, int]]:
-        """Per class folder: files, ok, repaired, shrunk, quarantined, duplicates (files in a duplicate group)."""
+        """Per class folder: files, ok, repaired, shrunk, quarantined, duplicates (its files that have an exact copy)."""
         table: dict[str, dict[str, int]] = {}
         for r in self.results:
             row = table.setdefault(r.label, dict.fromkeys(("files", "ok", "repaired", "shrunk", "quarantined", "duplicates"), 0))
@@ -113,7 +113,7 @@ class VerifyReport:
             row[r.status] += 1
             row["shrunk"] += any(c.startswith("shrunk") for c in r.changes)
         for group in self.duplicates:
-            for f in group.files[1:]:
+            for f in group.files:
                 table[f.split("/", 1)[0] if "/" in f else ""]["duplicates"] += 1
         return dict(sorted(table.items()))
 
