@@ -1,0 +1,110 @@
+"""The prediction page in headless Chromium (Debian's `chromium`, driven by Playwright): choose a photo,
+drop one, send a non-image; the answer and its bars appear. Saves screenshots under tmp_path."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from export_fixtures import Built, build
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium (.ci/run does this).")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def server_url(built: Built):
+    """The app under a real Uvicorn on 127.0.0.1, in a thread of this process."""
+    import uvicorn
+
+    from ursa.web.predict_app import create_predict_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_predict_app(built.export), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_shows_the_prediction(browser, server_url: str, built: Built, tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server_url)
+    assert "tiny" in page.title() and "bear, cat, dog" in page.inner_text("header")
+    page.set_input_files("#file", str(built.photo))
+    page.wait_for_function("document.getElementById('status').textContent === 'Prediction'", timeout=20_000)
+    label = page.inner_text("#label")
+    assert label in ("bear", "cat", "dog", "none of these")
+    bars = page.locator("#bars li")
+    assert bars.count() == 3
+    assert page.locator("#bars li").first.inner_text().split()[0] in ("bear", "cat", "dog")
+    assert page.evaluate("document.getElementById('preview').naturalWidth") == 500
+    shot = tmp_path / "predict_page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("URSA_SCREENSHOT_DIR"):  # to look at it: URSA_SCREENSHOT_DIR=/tmp/shots pytest -m browser
+        Path(os.environ["URSA_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["URSA_SCREENSHOT_DIR"]) / shot.name)
+    assert not errors
+    page.close()
+
+
+def test_drop_and_non_image(browser, server_url: str, built: Built) -> None:
+    page = browser.new_page()
+    page.goto(server_url)
+    b64 = base64.b64encode(built.photo.read_bytes()).decode()
+    # A drop event carrying a file, as the browser makes when a photo is dragged onto the zone.
+    page.evaluate(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+            document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""",
+        b64,
+    )
+    page.wait_for_function("document.getElementById('status').textContent === 'Prediction'", timeout=20_000)
+    assert page.locator("#bars li").count() == 3
+    # A text file with an image name: the server says 415 and the page shows its message.
+    page.set_input_files("#file", files=[{"name": "fake.jpg", "mimeType": "image/jpeg", "buffer": b"not an image at all"}])
+    page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+    assert "not an image" in page.inner_text("#error")
+    page.close()
