@@ -279,3 +279,10 @@ def test_sniff_image_reads_only_the_header() -> None:
     assert sniff_image(make_jpeg(1)) == (".jpg", 24, 16)
     with pytest.raises(NotAnImage, match="decompression bomb"):
         sniff_image(make_png(1, (30, 20)), max_pixels=100)
+
+
+@pytest.mark.parametrize("cls", ["", "../escape", "a/b", ".hidden"])
+def test_class_names_must_be_plain_folder_names(tmp_path: Path, cls: str) -> None:
+    with pytest.raises(CollectError, match="not a plain folder name"):
+        download([Job("http://127.0.0.1:9/x", cls)], tmp_path / "root")
+    assert not (tmp_path / "escape").exists()

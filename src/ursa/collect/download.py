@@ -285,6 +285,8 @@ class _Downloader:
             seen.add((job.cls, job.url))
             self.progress.total += 1
             if job.cls not in self.stores:
+                if not job.cls or job.cls.startswith(".") or any(c in job.cls for c in "/\\\0"):
+                    raise CollectError(f"Class name {job.cls!r} is not a plain folder name. Use a name like 'teddy'.")
                 self.stores[job.cls] = _prepare_store(self.root, job.cls, self.manifest)
                 self.report.per_class[job.cls] = Counter()
             row = self.manifest.get(job.cls, job.url)
@@ -382,7 +384,7 @@ class _Downloader:
             try:
                 async with host:
                     status, body = await self._get(client, job.url)
-                ext, w, h = _sniff(body, self.cfg.max_pixels)
+                ext, _, _ = _sniff(body, self.cfg.max_pixels)
                 break
             except _Fail as fail:
                 status = fail.status or status
@@ -422,9 +424,7 @@ class _Downloader:
         existing = store.by_sha.get(sha)
         if existing is not None and existing in store.orphans:
             store.orphans.discard(existing)  # a file an interrupted run wrote for this URL, or the user's own
-            self._row(job, status="ok", reason="adopted a file already in the folder", file=existing, **common)
-            store.ok += 1
-            self._count(job.cls, "ok")
+            self._stored(job, store, existing, common, reason="adopted a file already in the folder")
             return
         if existing is not None:
             self._row(job, status="duplicate", reason=f"same bytes as {existing}", file=existing, **common)
@@ -435,22 +435,22 @@ class _Downloader:
         store.by_sha[sha] = rel  # claimed before the write, so a copy arriving meanwhile is a duplicate
         write = asyncio.get_running_loop().run_in_executor(None, atomic_write_bytes, self.root / rel, body)
         try:
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # Stopping (Ctrl-C): the thread finishes this write anyway, so wait for it and record
-                # the file, keeping the saved manifest in step with the folder.
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # Stopping (Ctrl-C): the thread finishes this write anyway, so wait for it and record
+            # the file, keeping the saved manifest in step with the folder; then stop.
+            with contextlib.suppress(OSError):
                 await write
                 self._stored(job, store, rel, common)
-                raise
+            raise
         except OSError as exc:
             del store.by_sha[sha]
             self._fail(job, f"write: cannot write {rel}: {exc.strerror or exc}", attempts=attempts, status=status)
             return
         self._stored(job, store, rel, common)
 
-    def _stored(self, job: Job, store: _ClassStore, rel: str, common: dict[str, object]) -> None:
-        self._row(job, status="ok", file=rel, **common)
+    def _stored(self, job: Job, store: _ClassStore, rel: str, common: dict[str, object], *, reason: str = "") -> None:
+        self._row(job, status="ok", reason=reason, file=rel, **common)
         store.ok += 1
         self._count(job.cls, "ok")
 
