@@ -529,8 +529,8 @@ def lesson_sgd(
     seed: LessonSeedOpt = 42,
 ) -> None:
     """Fit y = x@a to noisy points by gradient descent, written out by hand; animate the line and the loss."""
-    from ursa.lessons.sgd import make_line, sgd_lesson
     from ursa.errors import LessonError
+    from ursa.lessons.sgd import make_line, sgd_lesson
 
     outs = {"out": _lesson_out(out, (".gif",))}
     if html:
@@ -554,8 +554,8 @@ def lesson_minibatch(
     seed: LessonSeedOpt = 42,
 ) -> None:
     """Full-batch gradient descent vs mini-batch SGD: loss against steps and against seconds."""
-    from ursa.lessons.minibatch import make_regression, minibatch_lesson
     from ursa.errors import LessonError
+    from ursa.lessons.minibatch import make_regression, minibatch_lesson
 
     outs = {"out": _lesson_out(out, (".png", ".svg", ".pdf"))}
     try:
@@ -619,8 +619,8 @@ def lesson_fit(
     seed: LessonSeedOpt = 42,
 ) -> None:
     """Under-, well- and over-fitted curves on the same noisy points, with training and validation points."""
-    from ursa.lessons.fit import fit_lesson, make_curve
     from ursa.errors import LessonError
+    from ursa.lessons.fit import fit_lesson, make_curve
 
     outs = {"out": _lesson_out(out, (".png", ".svg", ".pdf"))}
     try:
