@@ -239,26 +239,32 @@ def demo(
 
 
 # ---- collect / verify (issue 3) ----
+from typing import TYPE_CHECKING  # noqa: E402 - kept with the block that uses it
+
+if TYPE_CHECKING:
+    from ursa.collect.download import DownloadReport, Job
+    from ursa.collect.download import Progress as DownloadProgress
+    from ursa.config import CollectConfig
 
 
-def _collect_config(**options: object) -> object:
+def _collect_config(*, max_images: int | None = None, concurrency: int | None = None, per_host: int | None = None,
+                    timeout: float | None = None, max_mb: float | None = None, retry_failed: bool = False) -> CollectConfig:  # fmt: skip
     """A CollectConfig from the options the user gave (None: keep the default), checked for sense."""
     from ursa.config import CollectConfig
     from ursa.errors import CollectError
 
-    given = {k: v for k, v in options.items() if v is not None}
-    for name in ("max_images", "concurrency", "per_host"):
-        if name in given and int(given[name]) < 1:  # type: ignore[call-overload]
-            flag = {"max_images": "--max"}.get(name, "--" + name.replace("_", "-"))
-            raise CollectError(f"{flag} must be at least 1 (got {given[name]}).")
-    if "timeout" in given and float(given["timeout"]) <= 0:  # type: ignore[arg-type]
-        raise CollectError(f"--timeout must be a positive number of seconds (got {given['timeout']}).")
-    if "max_bytes" in given:
-        given["max_bytes"] = int(float(given["max_bytes"]) * 2**20)  # type: ignore[arg-type]  # from MiB
-    return CollectConfig(**given)  # type: ignore[arg-type]
+    for flag, value in (("--max", max_images), ("--concurrency", concurrency), ("--per-host", per_host)):
+        if value is not None and value < 1:
+            raise CollectError(f"{flag} must be at least 1 (got {value}).")
+    for flag, number in (("--timeout", timeout), ("--max-mb", max_mb)):
+        if number is not None and number <= 0:
+            raise CollectError(f"{flag} must be a positive number (got {number}).")
+    given = {"max_images": max_images, "concurrency": concurrency, "per_host": per_host, "timeout": timeout,
+             "max_bytes": None if max_mb is None else int(max_mb * 2**20), "retry_failed": retry_failed}  # fmt: skip
+    return CollectConfig(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
 
 
-def _run_download(jobs: list, root: Path, cfg: object) -> object:
+def _run_download(jobs: list[Job], root: Path, cfg: CollectConfig) -> DownloadReport:
     """Run `ursa.collect.download.download` under a Rich progress bar; Ctrl-C saves and exits 130."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -269,33 +275,31 @@ def _run_download(jobs: list, root: Path, cfg: object) -> object:
     with Progress(*columns, console=err_console, transient=False) as bar:
         task = bar.add_task("download", total=None, counts="")
 
-        def show(p: object) -> None:
-            counts = (f"[green]ok {p.ok}[/] [red]failed {p.failed}[/] skipped {p.skipped}"  # type: ignore[attr-defined]
-                      f" duplicate {p.duplicate}")  # type: ignore[attr-defined]  # fmt: skip
-            bar.update(task, total=p.total, completed=p.done, counts=counts)  # type: ignore[attr-defined]
+        def show(p: DownloadProgress) -> None:
+            counts = f"[green]ok {p.ok}[/] [red]failed {p.failed}[/] skipped {p.skipped} duplicate {p.duplicate}"
+            bar.update(task, total=p.total, completed=p.done, counts=counts)
 
         try:
-            return download(jobs, root, config=cfg, on_progress=show)  # type: ignore[arg-type]
+            return download(jobs, root, config=cfg, on_progress=show)
         except KeyboardInterrupt:
             bar.stop()
             err_console.print("Interrupted. What was downloaded is saved; run the same command again to resume.")
             raise typer.Exit(130) from None
 
 
-def _print_download_report(report: object) -> None:
+def _print_download_report(report: DownloadReport) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Downloaded into {report.root}", title_justify="left")  # type: ignore[attr-defined]
+    table = Table(title=f"Downloaded into {report.root}", title_justify="left")
     for col in ("class", "ok", "duplicate", "failed", "skipped", "not tried"):
         table.add_column(col, justify="left" if col == "class" else "right")
-    for cls, c in report.per_class.items():  # type: ignore[attr-defined]
+    for cls, c in report.per_class.items():
         table.add_row(cls, *(str(c[k]) for k in ("ok", "duplicate", "failed", "skipped", "not_tried")))
     console.print(table)
-    if report.reasons:  # type: ignore[attr-defined]
-        why = ", ".join(f"{kind} {n}" for kind, n in report.reasons.most_common())  # type: ignore[attr-defined]
+    if report.reasons:
+        why = ", ".join(f"{kind} {n}" for kind, n in report.reasons.most_common())
         console.print(f"failures: {why} (details in the manifest; retry with --retry-failed)", highlight=False)
-    p = report.progress  # type: ignore[attr-defined]
-    console.print(f"manifest: {report.manifest}  ({p.done} URLs, {report.seconds:.1f} s)", highlight=False)  # type: ignore[attr-defined]
+    console.print(f"manifest: {report.manifest}  ({report.progress.done} URLs, {report.seconds:.1f} s)", highlight=False)
 
 
 @app.command("download")
@@ -318,7 +322,7 @@ def download_cmd(
     from ursa.collect.urls import class_name_for_list, expand_list_paths, read_url_list
 
     cfg = _collect_config(max_images=max_images, concurrency=concurrency, per_host=per_host, timeout=timeout,
-                          max_bytes=max_mb, retry_failed=retry_failed or None)  # fmt: skip
+                          max_mb=max_mb, retry_failed=retry_failed)  # fmt: skip
     paths = expand_list_paths(lists)
     if per_list:
         root, classes = dest, [class_name_for_list(p) for p in paths]
@@ -350,7 +354,7 @@ def search_cmd(
     from ursa.collect.manifest import META_DIR
     from ursa.collect.search import get_provider, search_images
 
-    cfg = _collect_config(max_images=max_images, retry_failed=retry_failed or None)
+    cfg = _collect_config(max_images=max_images, retry_failed=retry_failed)
     root, cls = split_dest(dest)
     # Ask for half as many again as wanted: some results always fail to download.
     results = search_images(query, provider=get_provider(provider), max_results=max_images + (max_images + 1) // 2,
