@@ -40,7 +40,7 @@ from PIL import Image
 
 from ursa._io import atomic_write_bytes, sha256_file
 from ursa.collect.manifest import META_DIR, Manifest
-from ursa.collect.urls import UrlList
+from ursa.collect.urls import UrlList, is_http_url
 from ursa.config import CollectConfig
 from ursa.errors import CollectError
 
@@ -183,14 +183,6 @@ def jobs_from_list(url_list: UrlList, cls: str, *, query: str = "") -> list[Job]
     return [Job(url=u, cls=cls, query=query, source=url_list.source) for u in lines]
 
 
-def _is_http(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
-
-
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
@@ -292,7 +284,7 @@ class _Downloader:
             row = self.manifest.get(job.cls, job.url)
             if row is not None and not (row["status"] == "failed" and self.cfg.retry_failed):
                 self._count(job.cls, "skipped")
-            elif not _is_http(job.url):
+            elif not is_http_url(job.url):
                 self._row(job, status="skipped", reason="not an http(s) URL")
                 self._count(job.cls, "skipped")
             else:
@@ -487,7 +479,7 @@ class _Fetcher:
                 location = response.headers.get("location")
                 if response.status_code in _REDIRECTS and location:
                     url = str(request.url.join(location.strip()))
-                    if not _is_http(url):
+                    if not is_http_url(url):
                         raise _Fail(f"bad url: redirected to {url[:80]!r}", status=response.status_code)
                     continue
                 return await self._read(response)

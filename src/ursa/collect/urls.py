@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from ursa.errors import CollectError
 
-__all__ = ["UrlList", "parse_url_text", "read_url_list", "class_name_for_list", "expand_list_paths"]
+__all__ = ["UrlList", "is_http_url", "parse_url_text", "read_url_list", "class_name_for_list", "expand_list_paths"]
 
 # Header names accepted for the URL column of a CSV, in order of preference (compared case-insensitively).
 URL_COLUMNS = ("url", "image_url", "image", "src", "href")
@@ -64,7 +64,8 @@ class UrlList:
         return f"{self.source}: {len(self.urls)} URLs{extra}"
 
 
-def _is_http_url(text: str) -> bool:
+def is_http_url(text: str) -> bool:
+    """True for an absolute http(s) URL with a host."""
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unbalanced IPv6 bracket
@@ -106,7 +107,7 @@ def parse_url_text(text: str, *, source: str = "<text>") -> UrlList:
         value = raw.strip().strip("\"'").strip()
         if not value:
             result.blank += 1
-        elif not _is_http_url(value):
+        elif not is_http_url(value):
             result.not_urls.append(value if len(value) <= 200 else value[:199] + "…")
         elif value in seen:
             result.duplicates += 1
