@@ -109,3 +109,14 @@ def test_search_without_the_library_suggests_url_lists(tmp_path: Path, capsys: p
     code, _, err = ursa(capsys, monkeypatch, "search", "grizzly bear", "--dest", "data/bears/grizzly")
     assert code == 2
     assert "pip install ddgs" in err and "ursa download urls.txt" in err
+
+
+def test_verify_no_repair_lists_what_it_would_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Path("data/a").mkdir(parents=True)
+    Image.new("CMYK", (8, 8)).save("data/a/x.jpg")
+    code, out, err = ursa(capsys, monkeypatch, "verify", "data", "--no-repair")
+    assert code == 0, err
+    assert "needs repair: a/x.jpg: CMYK -> RGB" in " ".join(out.split())

@@ -388,8 +388,9 @@ def verify_cmd(
         table.add_row(label or "(root)", *(str(c[k]) for k in ("files", "ok", "repaired", "shrunk", "quarantined", "duplicates")))
     console.print(table)
     for r in report.results:
-        if r.status != "ok":
-            console.print(f"{r.status}: {r.file}: {'; '.join(r.changes)}", highlight=False)
+        if r.changes:  # with --no-repair, ok files can list the repairs they need
+            what = r.status if r.status != "ok" else "needs repair"
+            console.print(f"{what}: {r.file}: {'; '.join(r.changes)}", highlight=False)
     for group in report.duplicates:
         flag = " [bold red](across classes)[/]" if group.cross_class else ""
         console.print(f"same {group.kind}{flag}: {', '.join(group.files)}", highlight=False)
