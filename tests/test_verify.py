@@ -210,3 +210,16 @@ def test_hidden_folders_are_not_checked(tmp_path: Path) -> None:
     write(tmp_path, "a/.partial.jpg.tmp", b"junk")
     write(tmp_path, "a/1.png", encode(photo(), "PNG"))
     assert [r.file for r in verify_folder(tmp_path).results] == ["a/1.png"]
+
+
+def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from ursa.cli import main
+
+    write(tmp_path, "a/bear[bold].jpg", b"not an image")
+    monkeypatch.setattr(sys, "argv", ["ursa", "verify", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert "a/bear[bold].jpg" in capsys.readouterr().out

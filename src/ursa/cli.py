@@ -288,6 +288,7 @@ def _run_download(jobs: list[Job], root: Path, cfg: CollectConfig) -> DownloadRe
 
 
 def _print_download_report(report: DownloadReport) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Downloaded into {report.root}", title_justify="left")
@@ -298,7 +299,7 @@ def _print_download_report(report: DownloadReport) -> None:
     console.print(table)
     if report.reasons:
         why = ", ".join(f"{kind} {n}" for kind, n in report.reasons.most_common())
-        console.print(f"failures: {why} (details in the manifest; retry with --retry-failed)", highlight=False)
+        console.print(escape(f"failures: {why} (details in the manifest; retry with --retry-failed)"), highlight=False)
     console.print(f"manifest: {report.manifest}  ({report.progress.done} URLs, {report.seconds:.1f} s)", highlight=False)
 
 
@@ -370,6 +371,7 @@ def verify_cmd(
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Fix orientation, colour mode and truncation (originals kept).")] = True,
 ) -> None:
     """Decode every image; repair, shrink, quarantine unreadable files (never delete) and report exact duplicates."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -390,10 +392,10 @@ def verify_cmd(
     for r in report.results:
         if r.changes:  # with --no-repair, ok files can list the repairs they need
             what = r.status if r.status != "ok" else "needs repair"
-            console.print(f"{what}: {r.file}: {'; '.join(r.changes)}", highlight=False)
+            console.print(escape(f"{what}: {r.file}: {'; '.join(r.changes)}"), highlight=False)
     for group in report.duplicates:
         flag = " [bold red](across classes)[/]" if group.cross_class else ""
-        console.print(f"same {group.kind}{flag}: {', '.join(group.files)}", highlight=False)
+        console.print(f"same {group.kind}{flag}: {escape(', '.join(group.files))}", highlight=False)
     if report.count("quarantined") or report.count("repaired"):
         console.print(f"journal: {report.journal} (quarantined files and originals are in {root}/.ursa/quarantine/)", highlight=False)
 
