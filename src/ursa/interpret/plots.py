@@ -17,7 +17,7 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widge
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_losses", "plot_lr_find", "image_grid", "finish"]
+__all__ = ["plot_losses", "plot_lr_find", "image_grid", "finish", "plot_confusion"]
 
 
 def finish(fig: Any, out: str | Path | None) -> Any:
@@ -99,5 +99,32 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: in
             ax.set_title(titles[i], fontsize=9, color=(title_colors[i] if title_colors else "black"))
     if suptitle:
         fig.suptitle(suptitle)
+    fig.tight_layout()
+    return finish(fig, out)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = False, title: str = "Confusion matrix", out: str | Path | None = None) -> Any:
+    """Confusion matrix (n_classes, n_classes) counts, rows actual and columns predicted, numbers in cells.
+
+    `normalize` shows each row as shares of that class (recall on the diagonal) instead of counts.
+    """
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / np.clip(cm.sum(1, keepdims=True), 1, None) if normalize else cm
+    n = len(classes)
+    side = min(14.0, max(4.0, 0.55 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(shown, cmap="Blues", vmin=0)
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    hi = shown.max() if shown.size else 0
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                v = shown[i, j]
+                txt = f"{v:.2f}" if normalize else f"{int(v)}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=8 if n > 12 else 10, color="white" if v > hi / 2 else "black")
     fig.tight_layout()
     return finish(fig, out)

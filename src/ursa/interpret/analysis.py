@@ -1,0 +1,153 @@
+"""What the model gets wrong on the validation set: confusion matrix, most confused pairs, top losses, per-class metrics.
+
+`ClassificationInterpretation.from_run("runs/bears")` reads the run's `predictions.csv` (validation
+probabilities written by `ursa train`), so it needs no model and no backbone pass. The plotting methods
+return matplotlib Figures (shown inline in Jupyter) and also write PNGs when given `out`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ursa.errors import InterpretError
+
+__all__ = ["ClassificationInterpretation", "ClassMetrics"]
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Precision, recall and F1 of one class on the validation set, and its number of images."""
+
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class ClassificationInterpretation:
+    """Validation predictions of a classifier and the views a person reads to see what goes wrong.
+
+    `probs` (n, n_classes) predicted probabilities, `targets` (n,) class indices, `names` the image paths
+    relative to `root` (needed only for `plot_top_losses`).
+    """
+
+    def __init__(self, probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], *, names: Sequence[str] | None = None, root: str | Path | None = None):
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+        if self.probs.ndim != 2 or self.probs.shape != (len(self.targets), len(self.classes)):
+            raise InterpretError(f"probabilities of shape {self.probs.shape} do not fit {len(self.targets)} targets and {len(self.classes)} classes.")
+        self.names = list(names) if names is not None else None
+        self.root = Path(root) if root is not None else None
+        self.preds = self.probs.argmax(1) if len(self.targets) else np.zeros(0, np.int64)
+        # cross-entropy of each image under the model, in nats
+        self.losses = -np.log(np.clip(self.probs[np.arange(len(self.targets)), self.targets], 1e-12, None))
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "ClassificationInterpretation":
+        """Read `run_dir/predictions.csv` and `config.json` (written by `ursa train`)."""
+        run = Path(run_dir)
+        pred = run / "predictions.csv"
+        if not pred.is_file():
+            raise InterpretError(f"{pred} does not exist. Pass a run folder written by `ursa train DATA --out {run}`.")
+        classes: list[str] | None = None
+        root: Path | None = None
+        cfg_path = run / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            classes, root = list(cfg.get("classes") or []) or None, Path(cfg["root"]) if cfg.get("root") else None
+        with open(pred, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            rows = list(reader)
+        if classes is None:
+            classes = [c[2:] for c in cols if c.startswith("p_")]
+        missing = [c for c in classes if f"p_{c}" not in cols]
+        if missing or "label" not in cols or "name" not in cols:
+            raise InterpretError(f"{pred} lacks columns for {missing or ['name', 'label']}; it was not written for this run. Train again to rewrite it.")
+        index = {c: i for i, c in enumerate(classes)}
+        try:
+            probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
+            targets = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+        except (KeyError, ValueError) as exc:
+            raise InterpretError(f"{pred} has a row that cannot be read ({exc}). Train again to rewrite it.") from None
+        return cls(probs, targets, classes, names=[r["name"] for r in rows], root=root)
+
+    @classmethod
+    def from_learner(cls, learn: Any, dl: Any = None) -> "ClassificationInterpretation":
+        """From a `Learner`'s predictions on `dl` (default: its validation set); no image names."""
+        probs, y = learn.get_preds(dl)
+        return cls(probs.numpy(), y.numpy(), learn.classes)
+
+    # ---- numbers ----------------------------------------------------------------------------------
+    @property
+    def error_rate(self) -> float:
+        """Share of images predicted wrong, in [0, 1]."""
+        return float((self.preds != self.targets).mean()) if len(self.targets) else float("nan")
+
+    def confusion_matrix(self) -> np.ndarray:
+        """(n_classes, n_classes) int64 counts: row = actual class, column = predicted class."""
+        n = len(self.classes)
+        cm = np.zeros((n, n), np.int64)
+        np.add.at(cm, (self.targets, self.preds), 1)
+        return cm
+
+    def most_confused(self, min_val: int = 1) -> list[tuple[str, str, int]]:
+        """(actual, predicted, count) for every off-diagonal cell with count >= `min_val`, largest first."""
+        cm = self.confusion_matrix()
+        out = [(self.classes[i], self.classes[j], int(cm[i, j])) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j] >= min_val]
+        return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
+
+    def top_losses(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(losses, indices) of the `k` images with the largest loss (all images when k is None), largest first."""
+        idx = np.argsort(-self.losses, kind="stable")[: (len(self.losses) if k is None else k)]
+        return self.losses[idx], idx
+
+    def per_class(self) -> list[ClassMetrics]:
+        """Precision, recall, F1 and support of each class (0 where undefined)."""
+        from sklearn.metrics import precision_recall_fscore_support
+
+        p, r, f, s = precision_recall_fscore_support(self.targets, self.preds, labels=list(range(len(self.classes))), zero_division=0)
+        return [ClassMetrics(c, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, c in enumerate(self.classes)]
+
+    # ---- plots ------------------------------------------------------------------------------------
+    def plot_confusion_matrix(self, *, normalize: bool = False, out: str | Path | None = None) -> Any:
+        """The confusion matrix as a Figure (rows actual, columns predicted); written to `out` when given."""
+        from ursa.interpret.plots import plot_confusion
+
+        return plot_confusion(self.confusion_matrix(), self.classes, normalize=normalize, title=f"Confusion matrix (error rate {self.error_rate:.1%})", out=out)
+
+    def plot_top_losses(self, k: int = 9, *, out: str | Path | None = None, thumb: int = 192) -> Any:
+        """The `k` validation images the model is most wrong about, titled `predicted/actual / loss / p(actual)`.
+
+        Wrong predictions are titled in red. Needs the image files (`names` under `root`).
+        """
+        from PIL import Image
+
+        from ursa.interpret.plots import image_grid
+
+        if self.names is None or self.root is None:
+            raise InterpretError("plot_top_losses needs the image files; build the interpretation with from_run(run_dir).")
+        losses, idx = self.top_losses(k)
+        images, titles, colors = [], [], []
+        for loss, i in zip(losses.tolist(), idx.tolist()):
+            path = self.root / self.names[i]
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    images.append(np.asarray(im))
+            except OSError:
+                images.append(np.full((thumb, thumb, 3), 200, np.uint8))  # moved or unreadable: grey tile
+            t, p = self.targets[i], self.preds[i]
+            titles.append(f"{self.classes[p]}/{self.classes[t]}\n{loss:.2f} / {self.probs[i, t]:.2f}")
+            colors.append("black" if p == t else "tab:red")
+        return image_grid(images, titles, title_colors=colors, suptitle="predicted/actual / loss / probability of actual", out=out)

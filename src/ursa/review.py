@@ -1,0 +1,347 @@
+"""The only code that changes a dataset: review decisions, applying them, and undoing them.
+
+Decisions (keep / relabel / delete, one per image, the latest wins) are lines of an append-only journal,
+`<root>/.ursa/review/journal.jsonl`, written and fsync'ed the moment they are made, so a closed page,
+a crash or a reload loses nothing. Undoing a decision is another line; nothing is rewritten.
+
+Applying the pending decisions:
+- writes `<root>/cleaned.csv` (`name,label`, names relative to the root) listing every image that
+  stays, with its new label; an existing cleaned.csv is first copied to `.ursa/review/backups/`;
+- moves each "deleted" image to `<root>/.ursa/quarantine/<name>` (never deletes a file);
+- records the whole plan in the journal *before* touching anything, so `undo_apply` can always
+  restore the dataset byte for byte (files are moved back, verified by sha256; cleaned.csv is put back
+  as it was, or set aside if there was none).
+
+Each image also has a version (how many journal lines touched it). A decision made from a stale view
+(another tab or person decided first) is refused with `ReviewConflict` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ursa._io import atomic_write_bytes, sha256_file
+from ursa.errors import ReviewError
+
+try:  # POSIX: a file lock also keeps two processes (two servers, a server and the CLI) in step
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one process at a time is enough
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "ACTIONS",
+    "REVIEW_DIR",
+    "QUARANTINE_DIR",
+    "CLEANED_CSV",
+    "ReviewConflict",
+    "ReviewState",
+    "Review",
+    "dataset_labels",
+    "apply_decisions",
+    "undo_apply",
+]
+
+ACTIONS = ("keep", "relabel", "delete")
+REVIEW_DIR = Path(".ursa") / "review"
+QUARANTINE_DIR = Path(".ursa") / "quarantine"
+CLEANED_CSV = "cleaned.csv"
+
+
+class ReviewConflict(ReviewError):
+    """A decision was based on a stale view of an image: someone else decided first. Nothing changed."""
+
+
+@dataclass
+class ReviewState:
+    """The journal folded into the present: pending decisions and the applies that can be undone."""
+
+    pending: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> its decision lines, latest last
+    versions: dict[str, int] = field(default_factory=dict)  # name -> journal lines that touched it
+    applies: list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]] = field(default_factory=list)  # (apply line, pending before it)
+    seq: int = 0  # last sequence number used
+
+    def decision(self, name: str) -> dict[str, Any] | None:
+        """The pending decision of `name` (its latest line), or None."""
+        stack = self.pending.get(name)
+        return stack[-1] if stack else None
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """name -> pending decision, for every image with one."""
+        return {n: s[-1] for n, s in self.pending.items() if s}
+
+    def last(self) -> dict[str, Any] | None:
+        """The most recent pending decision line (what `undo` takes back)."""
+        lines = [ln for s in self.pending.values() for ln in s]
+        return max(lines, key=lambda ln: ln["seq"]) if lines else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def dataset_labels(root: str | Path) -> dict[str, str]:
+    """name -> label of every image of the dataset as it stands: `cleaned.csv` when there is one (the last
+    cleaning round), else the class folders (or train/ and valid/ class folders). Names sorted."""
+    from ursa.data.items import find_split_folders, read_labels_csv, scan_class_folders
+    from ursa.errors import DataError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ReviewError(f"dataset folder {root} does not exist. Pass the folder that holds the images.")
+    try:
+        csv_path = root / CLEANED_CSV
+        if csv_path.is_file():
+            found = read_labels_csv(root, csv_path, allow_new_labels=True)
+            items = found.items
+        else:
+            folders = find_split_folders(root)
+            if folders:
+                items = scan_class_folders(root, sub=folders[0]).items + scan_class_folders(root, sub=folders[1]).items
+            else:
+                items = scan_class_folders(root).items
+    except DataError as exc:
+        raise ReviewError(str(exc)) from None
+    return {it.name: it.label for it in sorted(items)}
+
+
+class Review:
+    """The review journal of one dataset root; safe to share between threads and processes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ReviewError(f"dataset folder {self.root} does not exist. Pass the folder that holds the images.")
+        self.dir = self.root / REVIEW_DIR
+        self.journal = self.dir / "journal.jsonl"
+        self._lock = threading.RLock()
+
+    # ---- the journal -------------------------------------------------------------------------------
+    class _Locked:
+        def __init__(self, review: "Review"):
+            self.review = review
+            self.fh: Any = None
+
+        def __enter__(self) -> "Review._Locked":
+            self.review._lock.acquire()
+            if fcntl is not None:
+                self.review.dir.mkdir(parents=True, exist_ok=True)
+                self.fh = open(self.review.dir / ".lock", "a")
+                fcntl.flock(self.fh, fcntl.LOCK_EX)
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            if self.fh is not None:
+                fcntl.flock(self.fh, fcntl.LOCK_UN)
+                self.fh.close()
+            self.review._lock.release()
+
+    def locked(self) -> "Review._Locked":
+        """A context manager holding this journal's lock (threads and processes)."""
+        return Review._Locked(self)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every journal line, oldest first. A torn last line (a crash mid-write) is ignored."""
+        if not self.journal.is_file():
+            return []
+        out = []
+        with open(self.journal, encoding="utf-8") as fh:
+            raw = fh.read().split("\n")
+        for i, ln in enumerate(raw):
+            if not ln.strip():
+                continue
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                if i < len(raw) - 2:
+                    raise ReviewError(f"{self.journal} line {i + 1} is damaged. Fix or remove that line; every other line is intact.") from None
+        return out
+
+    def _append(self, line: dict[str, Any]) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return line
+
+    def state(self) -> ReviewState:
+        """Fold the journal into the present state."""
+        st = ReviewState()
+        for ln in self.lines():
+            st.seq = max(st.seq, int(ln.get("seq", 0)))
+            op = ln.get("op")
+            name = ln.get("name")
+            if op == "decide":
+                st.pending.setdefault(name, []).append(ln)
+                st.versions[name] = st.versions.get(name, 0) + 1
+            elif op == "undo":
+                st.pending[name] = [d for d in st.pending.get(name, []) if d["seq"] != ln["undoes"]]
+                st.versions[name] = st.versions.get(name, 0) + 1
+            elif op == "apply":
+                st.applies.append((ln, st.pending))
+                for n in st.pending:
+                    st.versions[n] = st.versions.get(n, 0) + 1
+                st.pending = {}
+            elif op in ("unapply", "rollback"):
+                if st.applies and st.applies[-1][0]["id"] == ln["id"]:
+                    _, st.pending = st.applies.pop()
+                    for n in st.pending:
+                        st.versions[n] = st.versions.get(n, 0) + 1
+        return st
+
+    # ---- decisions ---------------------------------------------------------------------------------
+    def decide(self, name: str, action: str, *, label: str | None = None, current: str | None = None, expected_version: int | None = None, labels: list[str] | None = None) -> dict[str, Any]:
+        """Record a decision about image `name` (relative to the root): keep, relabel (to `label`) or delete.
+
+        `current` is its label as the reviewer saw it; `expected_version` the image's version as the
+        reviewer saw it (None: do not check); `labels` the labels a relabel may use. Returns the journal
+        line, with the image's new `version`. Raises ReviewConflict on a stale version.
+        """
+        if action not in ACTIONS:
+            raise ReviewError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}.")
+        if action == "relabel":
+            if not label:
+                raise ReviewError("relabel needs the new label.")
+            if labels is not None and label not in labels:
+                raise ReviewError(f"label {label!r} is not a class of this dataset ({', '.join(labels)}). Pick one of them.")
+        elif label is not None and action != "relabel":
+            label = None
+        if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+            raise ReviewError(f"image name {name!r} is not a path inside the dataset.")
+        with self.locked():
+            st = self.state()
+            version = st.versions.get(name, 0)
+            if expected_version is not None and expected_version != version:
+                raise ReviewConflict(f"{name} changed since this page loaded it (version {version}, page had {expected_version}). Reload to see the latest decision, then decide again.")
+            line = {"seq": st.seq + 1, "at": _now(), "op": "decide", "name": name, "action": action, "label": label, "from": current, "version": version + 1}
+            return self._append(line)
+
+    def undo(self) -> dict[str, Any]:
+        """Take back the most recent pending decision; returns the undo line (with `name` and `version`)."""
+        with self.locked():
+            st = self.state()
+            last = st.last()
+            if last is None:
+                raise ReviewError("nothing to undo: there is no pending decision. (`ursa review DATA --undo` undoes an applied review.)")
+            name = last["name"]
+            line = {"seq": st.seq + 1, "at": _now(), "op": "undo", "undoes": last["seq"], "name": name, "version": st.versions.get(name, 0) + 1}
+            return self._append(line)
+
+    # ---- apply / undo ------------------------------------------------------------------------------
+    def apply(self) -> dict[str, Any]:
+        """Apply every pending decision (see the module docstring). Returns the journal's apply line."""
+        with self.locked():
+            st = self.state()
+            decisions = st.decisions()
+            if not decisions:
+                raise ReviewError("nothing to apply: no pending decisions. Review images first (`ursa review DATA --run RUN`).")
+            labels = dataset_labels(self.root)
+            gone = sorted(n for n in decisions if n not in labels)
+            if gone:
+                raise ReviewError(f"{len(gone)} reviewed images are no longer in the dataset: {', '.join(gone[:5])}. Put them back, or undo those decisions.")
+            apply_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{st.seq + 1}"
+            moves = []
+            for name, d in sorted(decisions.items()):
+                if d["action"] == "relabel":
+                    labels[name] = d["label"]
+                elif d["action"] == "delete":
+                    del labels[name]
+                    dst = QUARANTINE_DIR / name
+                    if (self.root / dst).exists():
+                        dst = QUARANTINE_DIR / f"{name}.{apply_id}"
+                    moves.append({"name": name, "to": dst.as_posix(), "sha256": sha256_file(self.root / name)})
+            csv_path = self.root / CLEANED_CSV
+            backup = None
+            if csv_path.exists():
+                backup = (REVIEW_DIR / "backups" / f"cleaned-{apply_id}.csv").as_posix()
+                (self.root / backup).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(csv_path, self.root / backup)
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["name", "label"])
+            w.writerows(sorted(labels.items()))
+            data = buf.getvalue().encode("utf-8")
+            import hashlib
+
+            line = {
+                "seq": st.seq + 1, "at": _now(), "op": "apply", "id": apply_id,
+                "decisions": [d["seq"] for d in decisions.values()],
+                "moves": moves,
+                "csv": {"path": CLEANED_CSV, "backup": backup, "sha256": hashlib.sha256(data).hexdigest()},
+                "counts": {a: sum(1 for d in decisions.values() if d["action"] == a) for a in ACTIONS},
+                "n_images": len(labels),
+            }
+            self._append(line)  # the plan is on disk before anything moves
+            done: list[dict[str, Any]] = []
+            try:
+                for mv in moves:
+                    dst = self.root / mv["to"]
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.root / mv["name"], dst)
+                    done.append(mv)
+                atomic_write_bytes(csv_path, data)
+            except OSError as exc:
+                for mv in reversed(done):
+                    os.replace(self.root / mv["to"], self.root / mv["name"])
+                if backup is not None:
+                    atomic_write_bytes(csv_path, (self.root / backup).read_bytes())
+                self._append({"seq": st.seq + 2, "at": _now(), "op": "rollback", "id": apply_id, "reason": str(exc)})
+                raise ReviewError(f"applying failed and was rolled back: {exc}. Check the dataset folder is writable, then apply again.") from None
+            return line
+
+    def undo_apply(self) -> dict[str, Any]:
+        """Undo the most recent apply: move quarantined files back, put cleaned.csv back as it was.
+
+        Checks every file first; if one cannot be restored safely nothing is changed. Returns the
+        apply line that was undone. Its decisions become pending again.
+        """
+        with self.locked():
+            st = self.state()
+            if not st.applies:
+                raise ReviewError(f"nothing to undo: {self.root} has no applied review in {self.journal}.")
+            line, _ = st.applies[-1]
+            todo = []
+            for mv in line["moves"]:
+                src, dst = self.root / mv["name"], self.root / mv["to"]
+                if dst.is_file() and not src.exists():
+                    if sha256_file(dst) != mv["sha256"]:
+                        raise ReviewError(f"{dst} was changed after it was quarantined; restore it by hand to {src}. Nothing was undone.")
+                    todo.append((dst, src))
+                elif src.is_file() and sha256_file(src) == mv["sha256"]:
+                    continue  # already back (an interrupted apply or undo)
+                else:
+                    raise ReviewError(f"cannot restore {mv['name']}: expected it at {dst}. Nothing was undone.")
+            csv_path = self.root / line["csv"]["path"]
+            for dst, src in todo:
+                src.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(dst, src)
+            if csv_path.exists():  # set aside, never deleted
+                aside = self.dir / "backups" / f"cleaned-undone-{line['id']}-{int(time.time())}.csv"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(csv_path, aside)
+            if line["csv"]["backup"]:
+                backup = self.root / line["csv"]["backup"]
+                atomic_write_bytes(csv_path, backup.read_bytes())
+                shutil.copystat(backup, csv_path)
+            self._append({"seq": st.seq + 1, "at": _now(), "op": "unapply", "id": line["id"], "restored": [mv["name"] for mv in line["moves"]]})
+            return line
+
+
+def apply_decisions(root: str | Path) -> dict[str, Any]:
+    """Apply the pending review decisions of dataset `root`; see `Review.apply`."""
+    return Review(root).apply()
+
+
+def undo_apply(root: str | Path) -> dict[str, Any]:
+    """Undo the last applied review of dataset `root`; see `Review.undo_apply`."""
+    return Review(root).undo_apply()
