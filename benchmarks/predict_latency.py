@@ -1,0 +1,106 @@
+"""End-to-end latency of one photo through `ursa` predict, against the same model in PyTorch eager, in one run.
+
+One 500x375 JPEG (a monkey10 validation photo resized to 500x375, written to a temporary file), 2 threads.
+Each run reads the file, decodes, preprocesses and runs the model:
+
+- ursa: `load_model(export, threads=2).predict_image(path)` (Pillow decode with draft, Pillow + numpy
+  preprocessing, ONNX Runtime with all graph optimizations);
+- eager: training's path, `open_image` + torchvision `eval_transform` + the same weights in PyTorch eager
+  (`torch.inference_mode`, 2 threads), softmax.
+
+Runs alternate (ursa, eager, ursa, ...) so machine noise hits both alike: 20 warm-up runs each, then 200
+each. Prints one JSON line with median and p99 in milliseconds and the speed-up. The model comes from
+`--model` (an export folder) or is exported from `--run` (default /tmp/m10run, made by
+`ursa train /work/shared/data/monkey10 --train training --valid validation --out /tmp/m10run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkey10"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="export folder (default: export --run to a temporary folder)")
+    ap.add_argument("--run", type=Path, default=Path("/tmp/m10run"))
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+    from PIL import Image
+
+    from ursa.data.transforms import eval_transform, input_size, open_image
+    from ursa.export import export_run, load_model
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="ursa-bench-"))
+    model_dir = args.model
+    if model_dir is None:
+        if not (args.run / "config.json").is_file():
+            print(f"no --model and no run at {args.run}; train one first: ursa train {DATA} --train training --valid validation --out {args.run}", file=sys.stderr)
+            return 2
+        model_dir = export_run(args.run, tmp / "model").out
+
+    photo = tmp / "photo.jpg"
+    src = sorted((DATA / "validation").rglob("*.jpg"))[0]
+    Image.open(src).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC).save(photo, quality=90)
+
+    ursa_model = load_model(model_dir, threads=args.threads)
+    eager = load_model(model_dir, backend="torch")._torch  # the same weights as an nn.Module
+    dc = dict(ursa_model.data_config)
+    tf = eval_transform(dc)
+    side = input_size(dc)
+
+    def run_ursa() -> np.ndarray:
+        return ursa_model.predict_image(photo).probs
+
+    def run_eager() -> np.ndarray:
+        with torch.inference_mode():
+            x = tf(open_image(photo, min_side=side)).unsqueeze(0)
+            return eager(x).softmax(-1)[0].numpy()
+
+    diff = float(np.abs(run_ursa() - run_eager()).max())
+    times: dict[str, list[float]] = {"ursa": [], "eager": []}
+    for i in range(20 + args.runs):
+        for name, fn in (("ursa", run_ursa), ("eager", run_eager)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 20:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+
+    def stats(v: list[float]) -> dict[str, float]:
+        return {"median": round(float(np.median(v)), 2), "p99": round(float(np.percentile(v, 99)), 2), "min": round(min(v), 2)}
+
+    u, e = stats(times["ursa"]), stats(times["eager"])
+    speedup = round(e["median"] / u["median"], 2)
+    out = {
+        "benchmark": "predict_latency",
+        "image": "500x375 JPEG (monkey10 validation photo), file -> probabilities",
+        "threads": args.threads,
+        "runs": args.runs,
+        "ursa_onnxruntime_ms": u,
+        "eager_pytorch_ms": e,
+        "speedup_median": speedup,
+        "max_abs_prob_diff": diff,
+        "target": {"median_ms": 12, "speedup": 2.5},
+        "met": bool(u["median"] <= 12 and speedup >= 2.5),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
