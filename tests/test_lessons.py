@@ -224,3 +224,13 @@ def test_lessons_import_only_torch_numpy_matplotlib_and_the_standard_library() -
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_epochs_subset_is_random_not_the_first_rows(digits) -> None:
+    """Regression: with training data sorted by class, the first rows held only a few classes."""
+    from ursa.lessons.epochs import epochs_lesson
+
+    xt, yt, xv, yv = digits
+    order = np.argsort(yt, kind="stable")  # as a class-folder dataset comes: sorted by class
+    r = epochs_lesson(xt[order], yt[order], xv, yv, epochs=8, n_train=100, hidden=64, noise=0.0, lr=0.05)
+    assert min(r.valid_error) < 0.5  # with only the first 100 rows (classes 0 and 1) it stays above 0.8

@@ -120,8 +120,8 @@ def epochs_lesson(
 ) -> EpochsResult:
     """Train a wide two-hidden-layer network for `epochs` epochs on few, noisy labels; plot to `out`.
 
-    x_* are (n, features) floats, e.g. flattened images; y_* int class indices. Keeps the first
-    `n_train` training examples (None: all), swaps a `noise` fraction of their labels for wrong ones,
+    x_* are (n, features) floats, e.g. flattened images; y_* int class indices. Keeps a random
+    `n_train` of the training examples (None: all), swaps a `noise` fraction of their labels for wrong ones,
     and trains with SGD (momentum 0.9, learning rate `lr`, mini-batches of `batch_size`).
     """
     xt = torch.as_tensor(np.asarray(x_train), dtype=torch.float32)
@@ -139,11 +139,14 @@ def epochs_lesson(
         raise ValueError(
             f"need epochs >= 2, batch size >= 1, hidden >= 1 and a positive lr; got {epochs}, {batch_size}, {hidden}, {lr}."
         )
+    g = torch.Generator().manual_seed(seed)
     if n_train is not None:
         if n_train < 2:
             raise ValueError(f"n_train must be at least 2, got {n_train}. Try 300.")
-        xt, yt = xt[:n_train], yt[:n_train]
-    g = torch.Generator().manual_seed(seed)
+        # A random subset, not the first rows: datasets often come sorted by class, and the first few
+        # hundred images of a sorted folder hold only two or three of the classes.
+        keep = torch.randperm(len(xt), generator=g)[:n_train]
+        xt, yt = xt[keep], yt[keep]
     n_classes = int(max(yt.max(), yv.max())) + 1
     yt, flipped = add_label_noise(yt, fraction=noise, n_classes=n_classes, generator=g)
     mean, std = xt.mean(), xt.std().clamp_min(1e-8)  # normalise with training statistics only

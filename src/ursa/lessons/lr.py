@@ -219,15 +219,15 @@ def _plot(result: LRResult, out: str | Path) -> None:
     from matplotlib.figure import Figure
 
     colors = ["tab:red", "tab:green", "tab:blue"]
-    fig = Figure(figsize=(15, 4.3), dpi=100)
+    fig = Figure(figsize=(15, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax_batch, ax_loss, ax_err = fig.subplots(1, 3)
     for name, run, color in zip(result.names, result.runs, colors):
         label = f"{name}: lr = {run.lr:g}"
         ax_batch.plot(range(1, len(run.batch_losses) + 1), run.batch_losses, color=color, lw=0.8, alpha=0.8, label=label)
         epochs = range(len(run.valid_loss))
-        ax_loss.plot(epochs, run.valid_loss, "o-", color=color, ms=3, label=label)
-        ax_err.plot(epochs, [100 * e for e in run.valid_error], "o-", color=color, ms=3, label=label)
+        ax_loss.plot(epochs, run.valid_loss, "o-", color=color, ms=3)
+        ax_err.plot(epochs, [100 * e for e in run.valid_error], "o-", color=color, ms=3)
     ax_batch.set_yscale("log")
     ax_batch.set_xlabel("step (one mini-batch)")
     ax_batch.set_ylabel("training loss of the batch (cross-entropy, log scale)")
@@ -241,7 +241,11 @@ def _plot(result: LRResult, out: str | Path) -> None:
     ax_err.set_title("validation error rate after each epoch")
     for ax in (ax_batch, ax_loss, ax_err):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
+    # One legend for all three panels, above them, where it covers no curve.
+    handles, labels = ax_batch.get_legend_handles_labels()
+    legend = fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.93), frameon=False)
+    for line in legend.get_lines():
+        line.set_linewidth(2.5)  # the batch curves are thin; the legend's samples need not be
     fig.suptitle("Same model, same data, three learning rates")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(out)
