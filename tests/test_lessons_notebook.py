@@ -33,8 +33,8 @@ def test_lesson2_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
 
     out = work / "runs" / "lesson2"
-    for name in ("predict.png", "sgd.html", "minibatch.png", "lr.png", "epochs.png", "fit.png"):
+    for name in ("confusion.png", "top_losses.png", "predict.png", "sgd.html", "minibatch.png", "lr.png", "epochs.png", "fit.png"):
         assert (out / name).stat().st_size > 0, name
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(shown) >= 6  # the training curves and every lesson's picture are displayed, not only written
+    assert len(shown) >= 8  # training curves, interpretation and every lesson's picture are displayed, not only written
     assert any("text/html" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
