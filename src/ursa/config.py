@@ -32,8 +32,10 @@ class TrainConfig:
 
     arch: str = "efficientnet_lite0"  # registry name (see `ursa.models.ARCHS`) or any timm model name
     weights: str | None = None  # weights file (.safetensors or .pth state dict) for a non-packaged backbone
-    epochs: int = 12  # epochs of head training on the feature cache
-    lr: float | None = None  # peak learning rate of the head stage; None: the recipe's default
+    head: str = "lbfgs"  # head solver: "lbfgs" (linear head fitted to convergence) or "one_cycle" (SGD epochs)
+    c: float = 0.5  # inverse L2 strength of the lbfgs head (as scikit-learn's C): larger fits the cache harder
+    epochs: int = 12  # epochs of head training on the feature cache (head="one_cycle")
+    lr: float | None = None  # peak learning rate of the one-cycle head stage; None: 3e-3
     views: int = 8  # most augmented views per training image in the feature cache (small sets get more)
     tune_blocks: int = 1  # last backbone stages trained on cached activations (0: a linear head only)
     fine_tune: int = 0  # epochs of full fine-tuning after the cached stage (unfrozen, discriminative lrs)
