@@ -779,3 +779,128 @@ def serve_cmd(
     console.print(f"serving {model} at http://{host}:{port}/  (API docs at /docs; Ctrl-C stops)", highlight=False)
     serve(model, host=host, port=port, concurrency=concurrency, threads=threads, max_upload_bytes=int(max_upload_mb * 2**20),
           backend=backend, precision="int8" if int8 else "fp32", access_log=not quiet)  # fmt: skip
+
+
+# ---- interpret / issues / review (issue 4) ----
+RunArg = Annotated[Path, typer.Argument(help="Run folder written by `ursa train` (e.g. runs/bears).", show_default=False)]
+
+
+@app.command("interpret")
+def interpret_cmd(
+    run: RunArg,
+    top: Annotated[int, typer.Option("--top", help="Images in top_losses.png.")] = 9,
+    min_val: Annotated[int, typer.Option("--min-val", help="Smallest count shown in the most-confused table.")] = 1,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Confusion matrix as shares of each actual class.")] = False,
+) -> None:
+    """What the model gets wrong on the validation set: confusion.png, top_losses.png, most confused pairs, per-class metrics."""
+    from rich.table import Table
+
+    from ursa.errors import InterpretError
+    from ursa.interpret.analysis import ClassificationInterpretation
+
+    if top < 1 or min_val < 1:
+        raise InterpretError("--top and --min-val must be at least 1.")
+    interp = ClassificationInterpretation.from_run(run)
+    interp.plot_confusion_matrix(normalize=normalize, out=run / "confusion.png")
+    interp.plot_top_losses(top, out=run / "top_losses.png")
+    t = Table(title=f"per class ({len(interp.targets)} validation images, error rate {interp.error_rate:.4f})", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "images"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for m in interp.per_class():
+        t.add_row(m.label, f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support))
+    console.print(t)
+    mc = interp.most_confused(min_val)
+    t = Table(title=f"most confused (at least {min_val})", title_justify="left")
+    for col in ("actual", "predicted", "images"):
+        t.add_column(col, justify="right" if col == "images" else "left")
+    for a, p, n in mc[:20]:
+        t.add_row(a, p, str(n))
+    console.print(t if mc else f"no pair of classes confused {min_val} or more times")
+    console.print(f"wrote {run / 'confusion.png'} and {run / 'top_losses.png'}", highlight=False)
+
+
+@app.command("issues")
+def issues_cmd(
+    run: RunArg,
+    folds: Annotated[int, typer.Option("--folds", help="Folds for the out-of-sample probabilities.")] = 5,
+    near: Annotated[float, typer.Option("--near", help="Cosine similarity (0-1) from which two images count as near duplicates.")] = 0.95,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Also flag dark, bright, blurry and tiny images.")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Also write report.html.")] = True,
+) -> None:
+    """Find likely label errors, duplicates, train/valid leaks, outliers and bad images; write issues.csv (and report.html)."""
+    from rich.table import Table
+
+    from ursa.errors import InterpretError
+    from ursa.interpret.issues import KINDS, find_issues
+
+    if folds < 2 or not 0.0 < near <= 1.0:
+        raise InterpretError("--folds must be at least 2 and --near in (0, 1].")
+    with console.status("searching...") as status:
+        rep = find_issues(run, folds=folds, near_threshold=near, quality=quality, progress=lambda msg: status.update(f"searching: {msg}"))
+    s = rep.summary
+    t = Table(title=f"issues in {s['n_images']} images ({s['n_train']} train, {s['n_valid']} valid), {s['search_s']:.1f} s", title_justify="left")
+    t.add_column("kind")
+    t.add_column("images", justify="right")
+    t.add_column("first")
+    for k in KINDS:
+        rows = rep.of_kind(k)
+        first = f"{rows[0].name}" + (f" ({rows[0].label} -> {rows[0].suggested})" if rows and rows[0].suggested else "") if rows else ""
+        t.add_row(k, str(len(rows)), first)
+    console.print(t)
+    if "error_rate_without_leaks" in s and s["n_leaked_valid"]:
+        console.print(f"validation error rate {s['error_rate']:.4f}; without the {s['n_leaked_valid']} leaked images {s['error_rate_without_leaks']:.4f}")
+    console.print(f"wrote {run / 'issues.csv'}", highlight=False)
+    if report:
+        from ursa.report import write_report
+
+        console.print(f"wrote {write_report(run)}", highlight=False)
+    console.print(f"next: ursa review {s.get('root', 'DATA')} --run {run}", highlight=False)
+
+
+@app.command("review")
+def review_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset folder the run was trained on.", show_default=False)],
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder whose issues.csv to review (searched first if missing).")] = None,
+    port: Annotated[int, typer.Option("--port", help="TCP port of the review page.")] = 8765,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open a browser window.")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Apply the saved decisions: write cleaned.csv, quarantine deleted images.")] = False,
+    undo: Annotated[bool, typer.Option("--undo", help="Undo the last apply: restore the dataset byte for byte.")] = False,
+) -> None:
+    """Review flagged images in a local web page (keep / relabel / delete, saved as you go), then apply or undo."""
+    from ursa.errors import ReviewError
+    from ursa.review import Review
+
+    if apply and undo:
+        raise ReviewError("pass --apply or --undo, not both.")
+    if apply or undo:
+        rv = Review(data)
+        if apply:
+            line = rv.apply()
+            c = line["counts"]
+            console.print(f"applied: {c['relabel']} relabelled, {c['delete']} moved to {data / '.ursa' / 'quarantine'}, {c['keep']} kept", highlight=False)
+            console.print(f"wrote {data / line['csv']['path']} ({line['n_images']} images)" + (f"; the previous version is in {data / line['csv']['backup']}" if line["csv"]["backup"] else ""), highlight=False)
+            console.print(f"next: ursa train {data} --labels {data / 'cleaned.csv'}   (undo with: ursa review {data} --undo)", highlight=False)
+        else:
+            line = rv.undo_apply()
+            console.print(f"undone: {len(line['moves'])} images restored, cleaned.csv as before the apply of {line['id']}", highlight=False)
+        return
+    if run is None:
+        raise ReviewError(f"pass the run to review: ursa review {data} --run runs/NAME (or --apply / --undo).")
+    if not (run / "issues.csv").is_file():
+        from ursa.interpret.issues import find_issues
+
+        console.print(f"{run / 'issues.csv'} is missing; searching first...", highlight=False)
+        find_issues(run)
+    import uvicorn
+
+    from ursa.web.review_app import create_review_app
+
+    review_app = create_review_app(data, run)
+    url = f"http://127.0.0.1:{port}/"
+    console.print(f"review page at {url}  (decisions are saved as you make them; Ctrl-C stops)", highlight=False)
+    if not no_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.0, webbrowser.open, args=(url,)).start()
+    uvicorn.run(review_app, host="127.0.0.1", port=port, log_level="warning")

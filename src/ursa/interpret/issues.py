@@ -51,6 +51,7 @@ __all__ = [
 
 # Kinds of finding, in the order the review page shows them.
 KINDS = ("label", "duplicate", "leak", "outlier", "dark", "bright", "blurry", "tiny")
+_MIN_STEPS = 150  # fewest optimiser steps of the k-fold heads, however small the dataset
 ISSUE_COLUMNS = ("kind", "name", "label", "split", "suggested", "confidence", "score", "group", "detail")
 
 
@@ -170,6 +171,7 @@ def _fit_folds(views: Sequence[Sequence[np.ndarray]], labels: np.ndarray, fold_o
     b = torch.zeros(k, 1, n_classes, requires_grad=True)
     opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=wd, betas=(0.9, 0.99))
     steps_per_epoch = max(1, int(np.ceil(len(x) / batch_size)))
+    epochs = max(epochs, int(np.ceil(_MIN_STEPS / steps_per_epoch)))  # small sets: enough steps to converge
     total = epochs * steps_per_epoch
     step = 0
     for _ in range(epochs):
@@ -199,12 +201,15 @@ def _fit_folds(views: Sequence[Sequence[np.ndarray]], labels: np.ndarray, fold_o
     return out / max(1, predict_views)
 
 
-def label_issues(labels: np.ndarray, probs: np.ndarray, *, filter_by: str = "both") -> np.ndarray:
+def label_issues(labels: np.ndarray, probs: np.ndarray, *, filter_by: str = "both", min_given: float = 0.05) -> np.ndarray:
     """Indices of likely label errors, most likely first (confident learning, ranked by self-confidence).
 
     `filter_by="both"` flags an image only when both of cleanlab's pruning rules agree (per-class noise
     rates and the confident joint): on real photos with 10% flipped labels it trades a little recall
     for clearly better precision than either rule alone (see benchmarks/label_noise.py).
+    Images the model puts in another class while giving their own label less than `min_given` are
+    flagged as well: confident learning's per-class thresholds are noisy on small classes and miss
+    some of these clear disagreements (on the benchmark this adds recall at almost no precision).
 
     `labels` (n,) int class indices, `probs` (n, n_classes) out-of-sample probabilities.
     """
@@ -225,7 +230,10 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, *, filter_by: str = "bot
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         idx = find_label_issues(y, sub, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1)
-    return np.asarray(idx, dtype=np.int64)
+    given = probs[np.arange(len(labels)), labels]
+    clear = np.flatnonzero((probs.argmax(1) != labels) & (given < min_given))
+    found = np.union1d(np.asarray(idx, dtype=np.int64), clear)
+    return found[np.argsort(given[found], kind="stable")]  # least self-confident first
 
 
 # ---- duplicates, outliers, quality ---------------------------------------------------------------
