@@ -1,4 +1,4 @@
-"""Image DataLoaders for a split: augmented training batches, evaluation batches, `show_batch`.
+"""Image DataLoaders for a split: augmented training batches, evaluation batches, sample batches to look at.
 
 A file that fails to decode while training is dropped from its batch (and counted), never a crash.
 """
@@ -81,10 +81,11 @@ class DataBunch:
         im = item if hasattr(item, "convert") else open_image(item, min_side=input_size(self.data_config))
         return eval_transform(self.data_config)(im.convert("RGB"))
 
-    def show_batch(self, n: int = 9, *, out: str | Path | None = None, valid: bool = False) -> Any:
-        """A grid of `n` (augmented, for training) images with their labels."""
-        from ursa.interpret.plots import image_grid
+    def sample_batch(self, n: int = 9, *, valid: bool = False) -> tuple[list[Any], list[str], str]:
+        """`n` (augmented, for training) images as (H, W, 3) arrays in [0, 1], their labels, and a caption.
 
+        Drawing them is `ursa.interpret.plots.show_batch(dls)` or `learn.show_batch()`.
+        """
         ds: ImageDataset = (self.valid if valid else self.train).dataset  # type: ignore[assignment]
         g = torch.Generator().manual_seed(self.split.seed)
         idx = torch.randperm(len(ds), generator=g)[:n].tolist()
@@ -96,7 +97,7 @@ class DataBunch:
             imgs.append(denormalize(s[0], self.data_config).permute(1, 2, 0).numpy())
             titles.append(self.classes[s[1]])
         side = input_size(self.data_config)
-        return image_grid(imgs, titles, suptitle=f"{'validation' if valid else 'augmented training'} images, {side}x{side} px", out=out)
+        return imgs, titles, f"{'validation' if valid else 'augmented training'} images, {side}x{side} px"
 
 
 class ImageDataLoaders:

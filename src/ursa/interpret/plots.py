@@ -17,7 +17,7 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widge
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_losses", "plot_lr_find", "image_grid", "finish", "plot_confusion"]
+__all__ = ["plot_losses", "plot_lr_find", "image_grid", "show_batch", "finish", "plot_confusion"]
 
 
 def finish(fig: Any, out: str | Path | None) -> Any:
@@ -128,3 +128,9 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = 
                 ax.text(j, i, txt, ha="center", va="center", fontsize=8 if n > 12 else 10, color="white" if v > hi / 2 else "black")
     fig.tight_layout()
     return finish(fig, out)
+
+
+def show_batch(dls: Any, n: int = 9, *, valid: bool = False, out: str | Path | None = None) -> Any:
+    """A grid of `n` images of a DataBunch (augmented training images by default) with their labels."""
+    imgs, titles, caption = dls.sample_batch(n, valid=valid)
+    return image_grid(imgs, titles, suptitle=caption, out=out)

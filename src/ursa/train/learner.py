@@ -100,6 +100,7 @@ class Learner:
         stage: str = "train",
         preprocess: Callable[[Any], torch.Tensor] | None = None,
         bn_eval: nn.Module | None = None,
+        dls: Any = None,
     ):
         self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
         self.classes = list(classes)
@@ -112,6 +113,7 @@ class Learner:
         # shift still learn): small batches of a new domain would otherwise overwrite ImageNet's
         # statistics and break a head that was trained on features computed with them.
         self.bn_eval = bn_eval
+        self.dls = dls  # the DataBunch, for image learners
         self.recorder = Recorder()
         self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress), *cbs]
         self.frozen_to = 0
@@ -320,11 +322,12 @@ class Learner:
         return self
 
     def show_batch(self, n: int = 9, *, out: str | Path | None = None) -> Any:
-        """A grid of training inputs with labels (image learners)."""
-        show = getattr(self.train_dl, "show_batch", None)
-        if show is None:
+        """A grid of augmented training images with labels (image learners made by `vision_learner`)."""
+        if self.dls is None:
             raise TrainError("show_batch needs image data; this learner trains on cached features.")
-        return show(n, out=out)
+        from ursa.interpret.plots import show_batch
+
+        return show_batch(self.dls, n, out=out)
 
 
 def vision_learner(dls: Any, arch: str = "efficientnet_lite0", *, weights: str | None = None, pretrained: bool = True, path: str | Path = ".", progress: bool = True, **kwargs: Any) -> Learner:
@@ -338,7 +341,7 @@ def vision_learner(dls: Any, arch: str = "efficientnet_lite0", *, weights: str |
     bb = create_backbone(arch, weights=weights, pretrained=pretrained)
     head = Head(bb.num_features, len(dls.classes))
     model = nn.Sequential(bb.model, head)
-    learn = Learner(model, dls.train, dls.valid, classes=dls.classes, groups=[*body_groups(bb.model, 2), list(head.parameters())], path=path, progress=progress, preprocess=dls.preprocess, bn_eval=bb.model, **kwargs)
+    learn = Learner(model, dls.train, dls.valid, classes=dls.classes, groups=[*body_groups(bb.model, 2), list(head.parameters())], path=path, progress=progress, preprocess=dls.preprocess, bn_eval=bb.model, dls=dls, **kwargs)
     learn.backbone = bb  # type: ignore[attr-defined]
     learn.freeze()
     return learn
