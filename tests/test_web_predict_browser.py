@@ -22,6 +22,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
+def playwright_expect(locator):
+    from playwright.sync_api import expect
+
+    return expect(locator)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
@@ -70,7 +76,8 @@ def test_upload_shows_the_prediction(browser, server_url: str, built: Built, tmp
     page.goto(server_url)
     assert "tiny" in page.title() and "bear, cat, dog" in page.inner_text("header")
     page.set_input_files("#file", str(built.photo))
-    page.wait_for_function("document.getElementById('status').textContent === 'Prediction'", timeout=20_000)
+    # Locator waits, not wait_for_function: the page's CSP forbids the eval that one uses.
+    playwright_expect(page.locator("#status")).to_have_text("Prediction", timeout=60_000)
     label = page.inner_text("#label")
     assert label in ("bear", "cat", "dog", "none of these")
     bars = page.locator("#bars li")
@@ -101,10 +108,11 @@ def test_drop_and_non_image(browser, server_url: str, built: Built) -> None:
         }""",
         b64,
     )
-    page.wait_for_function("document.getElementById('status').textContent === 'Prediction'", timeout=20_000)
+    # Locator waits, not wait_for_function: the page's CSP forbids the eval that one uses.
+    playwright_expect(page.locator("#status")).to_have_text("Prediction", timeout=60_000)
     assert page.locator("#bars li").count() == 3
     # A text file with an image name: the server says 415 and the page shows its message.
     page.set_input_files("#file", files=[{"name": "fake.jpg", "mimeType": "image/jpeg", "buffer": b"not an image at all"}])
-    page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
     assert "not an image" in page.inner_text("#error")
     page.close()
