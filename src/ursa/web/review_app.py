@@ -88,6 +88,7 @@ def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
         if r["kind"] in groups and iid not in groups[r["kind"]]:
             groups[r["kind"]].append(iid)
     names = {iid: it["name"] for iid, it in items.items()}
+    current = {"labels": labels_now}  # the dataset as it stands; re-read after an apply or its undo
 
     app = FastAPI(title="Ursa review", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -107,7 +108,14 @@ def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
     def item_state(iid: str, st: Any) -> dict[str, Any]:
         it = items[iid]
         d = st.decision(it["name"])
-        return {**it, "version": st.versions.get(it["name"], 0), "decision": ({"action": d["action"], "label": d.get("label")} if d else None)}
+        now = current["labels"].get(it["name"])
+        return {
+            **it,
+            "label": now or it["label"],
+            "in_dataset": now is not None,
+            "version": st.versions.get(it["name"], 0),
+            "decision": ({"action": d["action"], "label": d.get("label")} if d else None),
+        }
 
     def snapshot() -> dict[str, Any]:
         st = review.state()
@@ -180,6 +188,7 @@ def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
             line = review.apply()
         except ReviewError as exc:
             raise _Error(409, str(exc)) from None
+        current["labels"] = dataset_labels(root)
         return {"applied": line["id"], "counts": line["counts"], "n_images": line["n_images"], "csv": str(root / line["csv"]["path"]), "quarantined": [m["name"] for m in line["moves"]]}
 
     @app.post("/api/undo-apply")
@@ -188,6 +197,7 @@ def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
             line = review.undo_apply()
         except ReviewError as exc:
             raise _Error(409, str(exc)) from None
+        current["labels"] = dataset_labels(root)
         return {"undone": line["id"], "restored": [m["name"] for m in line["moves"]]}
 
     return app

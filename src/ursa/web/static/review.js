@@ -116,9 +116,11 @@ function renderCard(item, kind) {
 }
 
 function updateCard(card, item) {
-  card.classList.remove("d-keep", "d-relabel", "d-delete");
+  card.classList.remove("d-keep", "d-relabel", "d-delete", "gone");
   if (item.decision) card.classList.add(`d-${item.decision.action}`);
-  $(".decision", card).textContent = describe(item.decision);
+  if (!item.in_dataset) card.classList.add("gone");
+  $(".labels b", card).textContent = item.label;
+  $(".decision", card).textContent = item.in_dataset ? describe(item.decision) : "in quarantine (applied)";
 }
 
 function updateItem(item) {

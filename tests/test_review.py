@@ -1,0 +1,195 @@
+"""The review journal, apply / undo (byte for byte), the review web API and the `ursa review` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from interpret_data import make_review_case, tree_digest
+from ursa.errors import ReviewError
+from ursa.review import Review, ReviewConflict, dataset_labels
+from ursa.web.review_app import create_review_app, image_id
+
+
+@pytest.fixture
+def case(tmp_path: Path) -> tuple[Path, Path]:
+    return make_review_case(tmp_path)
+
+
+def _csv(path: Path) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        return {r["name"]: r["label"] for r in csv.DictReader(fh)}
+
+
+def test_decisions_fold_latest_wins_and_undo(case) -> None:  # noqa: ANN001
+    root, _ = case
+    rv = Review(root)
+    rv.decide("square/001.png", "relabel", label="circle")
+    rv.decide("square/001.png", "delete")
+    assert rv.state().decision("square/001.png")["action"] == "delete"
+    rv.undo()
+    assert rv.state().decision("square/001.png")["label"] == "circle"
+    rv.undo()
+    assert rv.state().decision("square/001.png") is None
+    with pytest.raises(ReviewError, match="nothing to undo"):
+        rv.undo()
+    assert len(rv.lines()) == 4  # append-only: two decisions, two undos
+
+
+def test_stale_version_conflicts_and_changes_nothing(case) -> None:  # noqa: ANN001
+    root, _ = case
+    rv = Review(root)
+    rv.decide("square/001.png", "keep", expected_version=0)
+    before = rv.journal.read_bytes()
+    with pytest.raises(ReviewConflict, match="changed since"):
+        rv.decide("square/001.png", "delete", expected_version=0)
+    assert rv.journal.read_bytes() == before
+
+
+def test_bad_decisions_are_refused(case) -> None:  # noqa: ANN001
+    root, _ = case
+    rv = Review(root)
+    with pytest.raises(ReviewError, match="unknown action"):
+        rv.decide("square/001.png", "burn")
+    with pytest.raises(ReviewError, match="not a class"):
+        rv.decide("square/001.png", "relabel", label="whale", labels=["circle", "square"])
+    with pytest.raises(ReviewError, match="inside the dataset"):
+        rv.decide("../outside.png", "delete")
+    assert rv.lines() == []
+
+
+def test_apply_then_undo_restores_byte_for_byte(case) -> None:  # noqa: ANN001
+    root, _ = case
+    before = tree_digest(root)
+    rv = Review(root)
+    rv.decide("square/001.png", "relabel", label="circle")
+    rv.decide("circle/copy.png", "delete")
+    rv.decide("triangle/002.png", "keep")
+    line = rv.apply()
+    labels = _csv(root / "cleaned.csv")
+    assert labels["square/001.png"] == "circle" and "circle/copy.png" not in labels and labels["triangle/002.png"] == "triangle"
+    assert len(labels) == len(before) - 1
+    assert not (root / "circle/copy.png").exists()
+    assert (root / ".ursa/quarantine/circle/copy.png").is_file()
+    assert line["counts"] == {"keep": 1, "relabel": 1, "delete": 1}
+    assert rv.state().decisions() == {}
+    # the next round starts from cleaned.csv
+    assert dataset_labels(root)["square/001.png"] == "circle"
+    rv.undo_apply()
+    assert tree_digest(root) == before
+    assert len(rv.state().decisions()) == 3  # the decisions are pending again
+    ops = [json.loads(x)["op"] for x in rv.journal.read_text().splitlines()]
+    assert ops == ["decide", "decide", "decide", "apply", "unapply"]
+
+
+def test_apply_keeps_a_users_cleaned_csv(case) -> None:  # noqa: ANN001
+    root, _ = case
+    labels = dataset_labels(root)
+    user = "name,label\n" + "".join(f"{n},{lab}\n" for n, lab in labels.items())
+    (root / "cleaned.csv").write_text(user)
+    before = tree_digest(root)
+    rv = Review(root)
+    rv.decide("square/003.png", "delete")
+    line = rv.apply()
+    assert (root / line["csv"]["backup"]).read_text() == user
+    rv.undo_apply()
+    assert tree_digest(root) == before
+
+
+def test_apply_and_undo_errors(case) -> None:  # noqa: ANN001
+    root, _ = case
+    rv = Review(root)
+    with pytest.raises(ReviewError, match="nothing to apply"):
+        rv.apply()
+    with pytest.raises(ReviewError, match="no applied review"):
+        rv.undo_apply()
+    rv.decide("square/003.png", "delete")
+    rv.apply()
+    (root / ".ursa/quarantine/square/003.png").write_bytes(b"changed")
+    with pytest.raises(ReviewError, match="changed after"):
+        rv.undo_apply()
+    with pytest.raises(ReviewError, match="does not exist"):
+        Review(root / "missing")
+
+
+# ---- the web API -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(case) -> TestClient:  # noqa: ANN001
+    root, run = case
+    return TestClient(create_review_app(root, run))
+
+
+def test_state_groups_findings_by_kind(client: TestClient) -> None:
+    s = client.get("/api/state").json()
+    assert [k["kind"] for k in s["kinds"]] == ["label", "duplicate", "dark"]
+    item = s["items"][image_id("square/001.png")]
+    assert item["label"] == "square" and item["findings"][0]["suggested"] == "circle" and item["version"] == 0
+    assert client.get("/").status_code == 200 and "review.js" in client.get("/").text
+    assert client.get("/static/review.js").status_code == 200
+
+
+def test_images_only_by_known_id_from_inside_the_root(client: TestClient, case) -> None:  # noqa: ANN001
+    root, _ = case
+    r = client.get(f"/img/{image_id('square/001.png')}")
+    assert r.status_code == 200 and r.content == (root / "square/001.png").read_bytes()
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "square%2F001.png", "ABCDEF012345"):
+        r = client.get(f"/img/{bad}")
+        assert r.status_code in (400, 404), bad
+        assert "error" in r.json() or r.status_code == 404
+    r = client.get("/img/0123456789ab")
+    assert r.status_code == 404 and "unknown image id" in r.json()["error"]
+    assert client.get("/img/../../etc/passwd").status_code == 404
+
+
+def test_decide_errors_change_nothing(client: TestClient, case) -> None:  # noqa: ANN001
+    root, _ = case
+    iid = image_id("square/001.png")
+    assert client.post("/api/decide", json={"id": "../../x", "action": "delete"}).status_code == 400
+    assert client.post("/api/decide", json={"id": "0123456789ab", "action": "delete"}).status_code == 404
+    assert client.post("/api/decide", json={"id": iid, "action": "burn"}).status_code == 400
+    assert client.post("/api/decide", json={"id": iid, "action": "relabel", "label": "whale"}).status_code == 400
+    assert client.post("/api/decide", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
+    assert not (root / ".ursa/review/journal.jsonl").exists() or (root / ".ursa/review/journal.jsonl").read_text() == ""
+    r = client.post("/api/decide", json={"id": iid, "action": "relabel", "label": "circle", "version": 0})
+    assert r.status_code == 200 and r.json()["item"]["version"] == 1
+    # a second tab still showing version 0 loses the race, and nothing changes
+    before = (root / ".ursa/review/journal.jsonl").read_bytes()
+    r = client.post("/api/decide", json={"id": iid, "action": "delete", "version": 0})
+    assert r.status_code == 409 and "Reload" in r.json()["error"]
+    assert (root / ".ursa/review/journal.jsonl").read_bytes() == before
+    assert client.post("/api/undo").status_code == 200
+    assert client.post("/api/undo").status_code == 409
+    assert client.post("/api/apply").status_code == 409
+
+
+def test_review_cli_apply_undo(case, run_cli) -> None:  # noqa: ANN001
+    root, run = case
+    before = tree_digest(root)
+    Review(root).decide("square/003.png", "delete")
+    code, out, err = run_cli("review", root, "--apply")
+    assert code == 0, err
+    assert "cleaned.csv" in out and not (root / "square/003.png").exists()
+    code, out, err = run_cli("review", root, "--undo")
+    assert code == 0, err
+    assert tree_digest(root) == before
+    code, _, err = run_cli("review", root, "--undo")
+    assert code == 2 and "nothing to undo" in err
+    code, _, err = run_cli("review", root)
+    assert code == 2 and "--run" in err
+
+
+def test_review_cli_serves_the_page(case, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import uvicorn
+
+    root, run = case
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    code, out, err = run_cli("review", root, "--run", run, "--no-browser", "--port", "8799")
+    assert code == 0, err
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8799 and "http://127.0.0.1:8799/" in out

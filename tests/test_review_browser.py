@@ -1,0 +1,122 @@
+"""The review page in headless Chromium (Debian's `chromium`, driven by Playwright): relabel, delete, reload,
+undo, apply; then cleaned.csv, the quarantine and the journal are checked. Saves a screenshot under tmp_path
+(and into $URSA_SCREENSHOTS when set)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from interpret_data import make_review_case
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium (.ci/run does this).")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    import uvicorn
+
+    from ursa.web.review_app import create_review_app
+
+    root, run = make_review_case(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_review_app(root, run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield root, f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_review_page_relabel_delete_reload_undo_apply(browser, served, tmp_path: Path) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    root, url = served
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda d: d.accept())
+    page.goto(url)
+    label_card = page.locator(".grid[data-kind=label] .card").first
+    copy_card = page.locator(".grid[data-kind=duplicate] .card", has_text="circle/copy.png")
+    expect(label_card).to_contain_text("suggested: circle")
+    expect(page.locator("h2")).to_have_count(3)
+
+    # relabel with the keyboard: the first card has focus; `a` accepts the suggested label
+    page.keyboard.press("a")
+    expect(label_card).to_have_class(re.compile(r"\bd-relabel\b"))
+    expect(label_card.locator(".decision")).to_have_text("relabel → circle")
+    # delete with a button
+    copy_card.get_by_role("button", name="Delete").click()
+    expect(copy_card).to_have_class(re.compile(r"\bd-delete\b"))
+    expect(page.locator("#progress")).to_contain_text("2 pending")
+
+    # a reload loses nothing
+    page.reload()
+    expect(label_card).to_have_class(re.compile(r"\bd-relabel\b"))
+    expect(copy_card).to_have_class(re.compile(r"\bd-delete\b"))
+
+    # undo takes back the latest decision (the delete); then delete again with the keyboard
+    page.get_by_role("button", name="Undo").click()
+    expect(copy_card).not_to_have_class(re.compile(r"\bd-delete\b"))
+    copy_card.locator("img").click()
+    page.keyboard.press("x")
+    expect(copy_card).to_have_class(re.compile(r"\bd-delete\b"))
+    # keep the dark one with the keyboard
+    page.locator(".grid[data-kind=dark] .card img").click()
+    page.keyboard.press("s")
+    expect(page.locator(".grid[data-kind=dark] .card")).to_have_class(re.compile(r"\bd-keep\b"))
+
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#status")).to_contain_text("Applied: 1 relabelled, 1 moved to quarantine, 1 kept")
+    expect(label_card.locator(".labels b").first).to_have_text("circle")  # the page shows the dataset as it now stands
+    expect(copy_card.locator(".decision")).to_have_text("in quarantine (applied)")
+    shot = tmp_path / "review.png"
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shot))
+    if os.environ.get("URSA_SCREENSHOTS"):
+        Path(os.environ["URSA_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["URSA_SCREENSHOTS"]) / "review.png")
+    assert not errors, errors
+
+    with open(root / "cleaned.csv", newline="") as fh:
+        labels = {r["name"]: r["label"] for r in csv.DictReader(fh)}
+    assert labels["square/001.png"] == "circle"
+    assert "circle/copy.png" not in labels and len(labels) == 12
+    assert (root / ".ursa/quarantine/circle/copy.png").is_file() and not (root / "circle/copy.png").exists()
+    ops = [json.loads(x) for x in (root / ".ursa/review/journal.jsonl").read_text().splitlines()]
+    assert [o["op"] for o in ops] == ["decide", "decide", "undo", "decide", "decide", "apply"]
+    assert ops[-1]["moves"][0]["name"] == "circle/copy.png"
