@@ -193,3 +193,17 @@ def test_review_cli_serves_the_page(case, run_cli, monkeypatch: pytest.MonkeyPat
     code, out, err = run_cli("review", root, "--run", run, "--no-browser", "--port", "8799")
     assert code == 0, err
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8799 and "http://127.0.0.1:8799/" in out
+
+
+def test_cleaned_csv_defines_the_next_dataset(case) -> None:  # noqa: ANN001
+    from ursa.config import DataConfig
+    from ursa.data.split import build_split
+
+    root, _ = case
+    rv = Review(root)
+    rv.decide("square/001.png", "relabel", label="circle")
+    rv.decide("circle/copy.png", "delete")
+    rv.apply()
+    split = build_split(root, DataConfig(labels=str(root / "cleaned.csv"), valid_pct=0.25))
+    items = {it.name: it.label for it in [*split.train, *split.valid]}
+    assert items["square/001.png"] == "circle" and "circle/copy.png" not in items and split.how == "csv"
