@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import draw_example, make_dataset
 
-FAST = ["--size", "64", "--epochs", "3"]
+FAST = ["--size", "64", "--head", "one_cycle", "--epochs", "3"]
 
 
 def test_info(run_cli, tiny_dataset: Path) -> None:
@@ -119,3 +119,16 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(run_cli, tmp_path: Pa
     assert message in err.replace("\n", " ")
     assert not (tmp_path / "run").exists()
     assert sorted(p.relative_to(root) for p in root.rglob("*") if ".ursa" not in p.parts) == [b for b in before if ".ursa" not in b.parts]
+
+
+def test_default_lbfgs_head_fits_and_records_one_row(run_cli, tiny_dataset: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli("train", tiny_dataset, "--out", tmp_path / "r", "--size", "64")
+    assert code == 0, err
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["train"]["head"] == "lbfgs" and m["error_rate"] <= 0.34
+    assert len(m["views"]) > 1  # a tiny set gets several cached augmented views
+    rows = list(csv.DictReader(open(tmp_path / "r" / "history.csv")))
+    assert [r["stage"] for r in rows] == ["head"] and float(rows[0]["train_loss"]) < 1.0
+    code, _, err = run_cli("train", tiny_dataset, "--out", tmp_path / "r2", "--head", "sgd")
+    assert code == 2 and "--head sgd" in err

@@ -141,7 +141,9 @@ def show_batch(
     _check_out_file(out)
     split = build_split(data, _data_config(train, valid, labels, valid_pct, seed, flip))
     dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=flip)
-    dls.show_batch(n, out=out)
+    from ursa.interpret.plots import show_batch as draw_batch
+
+    draw_batch(dls, n, out=out)
     console.print(f"wrote {out}  ({len(split.classes)} classes: {', '.join(split.classes)})")
 
 
@@ -185,8 +187,10 @@ def train_cmd(
     allow_new_labels: AllowNewOpt = False,
     arch: ArchOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of head training on cached features.")] = 12,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the head stage (default 3e-3).")] = None,
+    head: Annotated[str, typer.Option("--head", help="Head solver: lbfgs (fitted to convergence, no lr to pick) or one_cycle (SGD epochs, uses --epochs/--lr).")] = "lbfgs",
+    c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the lbfgs head (larger fits the training set harder).")] = 0.5,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the one_cycle head on cached features.")] = 12,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the one_cycle head (default 3e-3); implies --head one_cycle.")] = None,
     views: Annotated[int, typer.Option("--views", help="Most augmented views per training image in the feature cache.")] = 8,
     fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage (0: none).")] = 0,
     fine_tune_lr: Annotated[float, typer.Option("--fine-tune-lr", help="Peak learning rate of the last layers when fine-tuning.")] = 1e-3,
@@ -201,7 +205,12 @@ def train_cmd(
 
     if epochs < 1 or fine_tune < 0 or views < 0:
         raise TrainError("--epochs must be at least 1, --fine-tune and --views at least 0.")
-    cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
+    if head not in ("lbfgs", "one_cycle", "one-cycle"):
+        raise TrainError(f"--head {head} is not a head solver; use lbfgs or one_cycle.")
+    if c <= 0:
+        raise TrainError(f"--c must be positive, got {c}. Try 0.5 (the default).")
+    head = "one_cycle" if (lr is not None or head == "one-cycle") else head
+    cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
     res = train_run(data, out, data=_data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels), train=cfg, console=console)
     _print_result(res)
 
