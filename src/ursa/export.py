@@ -122,22 +122,22 @@ def decode_image(src: Any, *, min_side: int | None = None, max_pixels: int = MAX
         raise BadImageError(f"cannot read {name}: permission denied.") from None
     except OSError as exc:
         raise BadImageError(f"{name} is a damaged or truncated image ({exc}).") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.0f}. Send a smaller image.")
-    try:
-        if min_side is not None and im.format == "JPEG":
-            scale = min(w, h) / min_side
-            if scale >= 2:
-                im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what Pillow raises on broken or truncated data
-        raise BadImageError(f"{name} is a damaged or truncated image ({type(exc).__name__}: {exc}).") from None
+    with im:  # closes the file; what is returned is a decoded copy
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.0f}. Send a smaller image.")
+        try:
+            if min_side is not None and im.format == "JPEG":
+                scale = min(w, h) / min_side
+                if scale >= 2:
+                    im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return _to_rgb(ImageOps.exif_transpose(im))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"{name} is too large to decode safely ({exc}). Send a smaller image.") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what Pillow raises on broken or truncated data
+            raise BadImageError(f"{name} is a damaged or truncated image ({type(exc).__name__}: {exc}).") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -550,7 +550,7 @@ def export_run(
 
     Steps: rebuild the network from the run's safetensors weights; convert it to ONNX (dynamic batch
     axis, opset `opset`); run the first `check_images` validation images through both and fail when the
-    largest |logit difference| exceeds ONNX_TOLERANCE; score every validation image with the ONNX
+    largest |logit difference| exceeds ONNX_TOLERANCE (images spread over the validation set); score every validation image with the ONNX
     model (single view, exactly as the Predictor will) for the accuracy and the open-set threshold
     (`open_set_quantile` of the top probability among correctly classified images); with `int8`, also
     quantize statically on up to `calibration_images` training images and report the accuracy change.
@@ -587,7 +587,7 @@ def export_run(
     say("converting to ONNX")
     onnx_bytes = _to_onnx(model, size, classes, opset=opset)
     session = _ort_session(onnx_bytes, threads=None, spin=True)
-    x_check = np.concatenate(xs[:check_images])
+    x_check = np.concatenate(xs[:: max(1, len(xs) // max(1, check_images))][:check_images])  # spread over the classes
     with torch.inference_mode():
         ref = model(torch.from_numpy(x_check)).numpy()
     got = session.run(None, {"input": x_check})[0]
@@ -668,7 +668,10 @@ def _to_onnx(model: Any, size: int, classes: list[str], *, opset: int) -> bytes:
         except Exception as exc:  # the exporter raises many kinds for unsupported operators
             raise ExportError(f"PyTorch could not convert this model to ONNX opset {opset} ({type(exc).__name__}: {exc}). Try another --opset.") from None
     proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the ONNX graph PyTorch wrote does not pass onnx's checker ({exc}). Try another --opset.") from None
     proto.doc_string = "Ursa image classifier; preprocessing and classes are in model.json"
     for k, v in (("ursa_format", FORMAT), ("classes", json.dumps(classes))):
         entry = proto.metadata_props.add()
