@@ -33,18 +33,31 @@ def finish(fig: Any, out: str | Path | None) -> Any:
 
 
 def plot_losses(batch_losses: Sequence[float], rows: Sequence[dict[str, Any]], *, out: str | Path | None = None) -> Any:
-    """Training loss per batch (light) and its running mean, validation loss and error rate per epoch."""
+    """Training loss per batch (light) and its running mean, validation loss and error rate per epoch.
+
+    Epoch i's batches are spread over (i - 1, i]; each row may say how many batches it had
+    (`batches`; 0 for a head fitted in one solve), else the batches are shared out evenly.
+    """
     fig, ax = plt.subplots(figsize=(7, 4))
     b = np.asarray(batch_losses, float)
+    counts = [r.get("batches") for r in rows]
+    if any(c is None for c in counts):
+        counts = [len(b) // max(1, len(rows))] * len(rows)
+    xs: list[float] = []
+    for i, n in enumerate(counts):
+        xs.extend(i + (np.arange(1, int(n) + 1) / int(n)) if n else [])
+    x = np.asarray(xs[: len(b)])
+    b = b[: len(x)]
     if len(b):
-        per_epoch = len(b) / max(1, len(rows))
-        x = np.arange(1, len(b) + 1) / per_epoch
         ax.plot(x, b, color="tab:blue", alpha=0.25, lw=0.8)
-        k = max(1, int(per_epoch))
+        k = max(1, min(len(b), int(np.median([c for c in counts if c]) if any(counts) else 1)))
         run = np.convolve(b, np.ones(k) / k, mode="valid")
         ax.plot(x[k - 1 :], run, color="tab:blue", label="train loss")
     if rows:
         ep = np.arange(1, len(rows) + 1)
+        tl = [r.get("train_loss", np.nan) if not r.get("batches", 1) else np.nan for r in rows]
+        if not all(np.isnan(tl)):
+            ax.plot(ep, tl, "D", color="tab:blue", ms=6, label="train loss (fitted head)")
         ax.plot(ep, [r.get("valid_loss", np.nan) for r in rows], "o-", color="tab:orange", label="valid loss")
         ax2 = ax.twinx()
         ax2.plot(ep, [r.get("error_rate", np.nan) for r in rows], "s--", color="tab:green", label="error rate", ms=4)
@@ -58,6 +71,7 @@ def plot_losses(batch_losses: Sequence[float], rows: Sequence[dict[str, Any]], *
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper right")
+        ax.set_xlim(0, len(rows) + 0.3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (cross-entropy)")
     ax.set_ylim(bottom=0)

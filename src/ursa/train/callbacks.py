@@ -48,7 +48,8 @@ class Recorder(Callback):
 
     def after_epoch(self, learn: "Learner") -> None:
         now = time.perf_counter()
-        row = {"stage": learn.stage, "epoch": len(self.rows), "train_loss": learn.epoch_train_loss, "lr": learn.last_lr, "seconds": round(now - self._t0, 3)}
+        done = sum(r.get("batches", 0) for r in self.rows)
+        row = {"stage": learn.stage, "epoch": len(self.rows), "train_loss": learn.epoch_train_loss, "lr": learn.last_lr, "seconds": round(now - self._t0, 3), "batches": len(self.batch_losses) - done}
         row.update(learn.last_metrics)
         self.rows.append(row)
         self._t0 = now
