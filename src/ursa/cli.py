@@ -51,6 +51,7 @@ def tune_allocator() -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; `argv` (without the program name) is for tests."""
     tune_allocator()
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc N` passes on to torchrun
     try:
         app(args=argv, prog_name="ursa")
     except UrsaError as exc:
@@ -197,6 +198,9 @@ def train_cmd(
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own, 224 for lite0).")] = None,
     batch_size: Annotated[int, typer.Option("--bs", help="Images per batch.")] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes: N > 1 starts torchrun with N ranks (DDP; gloo on CPU, NCCL on GPU).")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Fine-tuning precision: auto, fp32, bf16 or fp16 (GPU); auto takes bf16 only where it is faster.")] = "auto",
 ) -> None:
     """Train a classifier with the CPU-fast default recipe and write the run folder."""
     from ursa.config import TrainConfig
@@ -211,6 +215,9 @@ def train_cmd(
         raise TrainError(f"--c must be positive, got {c}. Try 0.5 (the default).")
     head = "one_cycle" if (lr is not None or head == "one-cycle") else head
     cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
+    cfg = _scale_out(cfg, nproc=nproc, device=device, precision=precision)
+    if cfg is None:
+        return  # the ranks torchrun started did the training and printed the result
     res = train_run(data, out, data=_data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels), train=cfg, console=console)
     _print_result(res)
 
@@ -323,6 +330,7 @@ def download_cmd(
     per_host: Annotated[Optional[int], typer.Option(help="Downloads in flight to one host [default: 8].")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for a connection or for data [default: 10].")] = None,
     max_mb: Annotated[Optional[float], typer.Option("--max-mb", help="Largest file kept, in MiB [default: 20].")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: only the URLs of shard i of N (0-based, by a hash of the URL); each shard resumes on its own.")] = None,
 ) -> None:
     """Download the images of URL lists into class folders, with a manifest row for every URL.
 
@@ -344,6 +352,11 @@ def download_cmd(
         url_list = read_url_list(path)
         err_console.print(f"{url_list.summary()} -> {cls}", highlight=False)
         jobs.extend(jobs_from_list(url_list, cls))
+    if shard is not None:
+        mine = _shard_jobs(jobs, shard)
+        with _shard_lock(root):
+            _print_download_report(_run_download(mine, root, cfg))
+        return
     _print_download_report(_run_download(jobs, root, cfg))
 
 
@@ -913,3 +926,88 @@ def review_cmd(
 
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
     uvicorn.run(review_app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- scale out (issue 7) ----
+_ARGV: list[str] = []  # the arguments main() was given
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _scale_out(cfg, *, nproc: int, device: str, precision: str):  # noqa: ANN001, ANN202
+    """The TrainConfig with --device/--precision recorded, or None once `--nproc N` has run torchrun.
+
+    Under torchrun (WORLD_SIZE set) --nproc is ignored and ranks other than 0 print nothing.
+    """
+    import dataclasses
+
+    from ursa.errors import TrainError
+    from ursa.train import distributed as dist
+
+    if nproc < 1:
+        raise TrainError(f"--nproc must be at least 1 (got {nproc}); use --nproc 2 for two processes.")
+    if device not in ("auto", "cpu", "cuda"):
+        raise TrainError(f"--device {device} is not a device; use auto, cpu or cuda.")
+    if precision not in dist.PRECISIONS:
+        raise TrainError(f"--precision {precision} is not a precision; use one of {', '.join(dist.PRECISIONS)}.")
+    dist.pick_device(device)  # --device cuda without a GPU fails here, before anything starts
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if nproc > 1 and not under_torchrun:
+        argv = _without_nproc(_ARGV or sys.argv[1:])
+        console.print(f"starting {nproc} processes: {' '.join(dist.torchrun_command(nproc, argv))}", highlight=False)
+        dist.launch(nproc, argv, threads=cfg.threads)
+        return None
+    if dist.env().rank != 0:
+        console.quiet = True
+    given = {k: v for k, v in (("device", device), ("precision", precision)) if v != "auto"}
+    return dataclasses.replace(cfg, extra={**cfg.extra, **given}) if given else cfg
+
+
+def _shard_jobs(jobs: list, shard: str) -> list:  # noqa: ANN001
+    """The jobs of `--shard i/N` (checked), with a line saying how many."""
+    from ursa.collect.download import parse_shard, select_shard
+
+    i, n = parse_shard(shard)
+    mine = select_shard(jobs, i, n)
+    err_console.print(f"shard {i}/{n}: {len(mine)} of {len(jobs)} URLs", highlight=False)
+    return mine
+
+
+class _shard_lock:
+    """An exclusive lock on <root>/.ursa/download.lock: shards running at the same time in one folder would
+    overwrite each other's manifest, so the second one stops with the fix instead."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / ".ursa" / "download.lock"
+        self.fh = None
+
+    def __enter__(self) -> "_shard_lock":
+        from ursa.errors import CollectError
+
+        try:
+            import fcntl
+        except ImportError:  # not on Windows: no lock, shards must not share a folder at the same time
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            self.fh = None
+            raise CollectError(f"another download is writing into {self.path.parent.parent} (lock {self.path}). Shards that run at the same time need their own --dest each; or wait for it to finish.") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing releases the lock

@@ -51,6 +51,9 @@ __all__ = [
     "download",
     "jobs_from_list",
     "jobs_from_search",
+    "shard_of",
+    "select_shard",
+    "parse_shard",
     "split_dest",
     "sniff_image",
     "NotAnImage",
@@ -175,6 +178,24 @@ def split_dest(dest: str | os.PathLike[str]) -> tuple[Path, str]:
     if not cls or cls.startswith("."):
         raise CollectError(f"--dest {str(dest)!r} does not name a class folder. Use --dest <root>/<class>, e.g. data/bears/teddy.")
     return dest.parent, cls
+
+
+def shard_of(url: str, count: int) -> int:
+    """The shard (0 .. count-1) a URL belongs to: its sha1 modulo `count`, the same on every machine and run."""
+    return int.from_bytes(hashlib.sha1(url.encode("utf-8")).digest()[:8], "big") % count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/N"` -> (i, N) with 0 <= i < N; anything else raises CollectError naming the fix."""
+    head, sep, tail = text.partition("/")
+    if not (sep and head.strip().isdigit() and tail.strip().isdigit()) or not 0 <= int(head) < int(tail):
+        raise CollectError(f"--shard {text!r} is not a shard: use i/N with 0 <= i < N, e.g. --shard 0/16 ... --shard 15/16 (every URL lands in exactly one).")
+    return int(head), int(tail)
+
+
+def select_shard(jobs: Iterable[Job], index: int, count: int) -> list[Job]:
+    """The jobs of shard `index` of `count` (by `shard_of` their URL): the shards partition any job list."""
+    return [j for j in jobs if shard_of(j.url, count) == index]
 
 
 def jobs_from_list(url_list: UrlList, cls: str, *, query: str = "") -> list[Job]:

@@ -7,11 +7,17 @@ run with other head settings, the label-issue search and the duplicate search al
 
 Views: 0 is the evaluation transform, 1 its horizontal mirror (test-time augmentation), and 2.. are
 seeded random augmentations of the training transform.
+
+Larger than memory: each view is stored as fixed-size shards (`SHARD_ROWS` rows) written as they
+complete, read back memory-mapped; images are decoded by DataLoader workers as they are needed. An
+interrupted extraction keeps its finished shards and resumes from there. A cache written by the
+earlier one-file-per-view layout is not read; it is recomputed once into the new layout.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zlib
@@ -26,11 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 from ursa._io import atomic_write_bytes, atomic_write_json
 from ursa.data.items import Skipped
 from ursa.data.transforms import eval_transform, input_size, open_image, train_transform
+from ursa.errors import TrainError
 from ursa.models import Backbone
+from ursa.train import distributed as dist
 
-__all__ = ["FeatureCache", "FeatureSet", "extract", "cache_dir_for", "PLAIN", "MIRROR"]
+__all__ = ["FeatureCache", "FeatureSet", "extract", "cache_dir_for", "PLAIN", "MIRROR", "SHARD_ROWS"]
 
 PLAIN, MIRROR = 0, 1
+SHARD_ROWS = 1024  # rows per cache shard: what an interruption can lose, and the most held in memory while extracting
 Progress = Callable[[int, int], None]
 
 
@@ -86,7 +95,7 @@ class FeatureSet:
     failed: list[Skipped]
 
 
-def _signature(backbone: Backbone, *, flip: bool, seed: int, jitter: float, scale: tuple[float, float]) -> str:
+def _signature(backbone: Backbone, *, flip: bool, seed: int, jitter: float, scale: tuple[float, float], precision: str = "fp32") -> str:
     spec = {
         "timm": backbone.timm_name,
         "weights": backbone.weights,
@@ -95,33 +104,74 @@ def _signature(backbone: Backbone, *, flip: bool, seed: int, jitter: float, scal
         "seed": seed,
         "jitter": jitter,
         "scale": list(scale),
-        "v": 1,
+        "v": 2,  # 2: sharded layout
     }
+    if precision != "fp32":
+        spec["precision"] = precision  # reduced-precision features are not mixed with fp32 ones
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class FeatureCache:
-    """Per-view feature files for one backbone + transform signature, under `cache_root/<signature>/`."""
+    """Feature shards for one backbone + transform signature, under `cache_root/<signature>/view<v>/`.
 
-    def __init__(self, cache_root: Path, backbone: Backbone, *, flip: bool = True, seed: int = 42, jitter: float = 0.2, scale: tuple[float, float] = (0.35, 1.0)):
+    Each view is a set of shards: `<id>.npy` (float16 (rows, num_features), at most `shard_rows` rows)
+    and `<id>.json` (the rows' keys `name|bytes|mtime_ns`); the id is a hash of the keys, so two
+    processes that compute the same shard write the same file. A shard is written (atomically, the
+    .npy before the .json that makes it count) as soon as its rows are computed, so an interrupted
+    extraction keeps every finished shard and a re-run computes only the rest. Shards are read
+    memory-mapped: memory is bounded by a shard and a batch, not by the dataset.
+
+    Under torchrun, the missing shards are split across ranks, gathered, and written by local rank 0.
+    """
+
+    def __init__(
+        self,
+        cache_root: Path,
+        backbone: Backbone,
+        *,
+        flip: bool = True,
+        seed: int = 42,
+        jitter: float = 0.2,
+        scale: tuple[float, float] = (0.35, 1.0),
+        shard_rows: int = SHARD_ROWS,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ):
+        if shard_rows < 1:
+            raise TrainError(f"shard_rows must be at least 1 (got {shard_rows}).")
         self.backbone, self.flip, self.seed, self.jitter, self.scale = backbone, flip, seed, jitter, scale
-        self.dir = Path(cache_root) / _signature(backbone, flip=flip, seed=seed, jitter=jitter, scale=scale)
+        self.shard_rows, self.device, self.precision = shard_rows, torch.device(device), precision
+        self.dir = Path(cache_root) / _signature(backbone, flip=flip, seed=seed, jitter=jitter, scale=scale, precision=precision)
+        self._maps: dict[Path, np.ndarray] = {}
 
-    def _paths(self, view: int) -> tuple[Path, Path]:
-        return self.dir / f"view{view}.json", self.dir / f"view{view}.npy"
+    def view_dir(self, view: int) -> Path:
+        """Folder of `view`'s shards."""
+        return self.dir / f"view{view}"
 
-    def _load(self, view: int) -> tuple[dict[str, int], list[str], np.ndarray | None]:
-        meta, arr = self._paths(view)
-        if not (meta.is_file() and arr.is_file()):
-            return {}, [], None
-        try:
-            keys = json.loads(meta.read_text())["keys"]
-            feats = np.load(arr)
-        except (ValueError, OSError, KeyError):
-            return {}, [], None  # a damaged cache is rebuilt, not trusted
-        if len(keys) != len(feats):
-            return {}, [], None
-        return {k: i for i, k in enumerate(keys)}, keys, feats
+    def index(self, view: int) -> dict[str, tuple[Path, int]]:
+        """key -> (shard .npy path, row) for every complete shard of `view`; damaged shards are ignored."""
+        out: dict[str, tuple[Path, int]] = {}
+        for meta in sorted(self.view_dir(view).glob("*.json")):
+            arr = meta.with_suffix(".npy")
+            try:
+                keys = json.loads(meta.read_text())["keys"]
+                rows = self._map(arr).shape[0]
+            except (ValueError, OSError, KeyError, TypeError):
+                continue  # a damaged shard is recomputed, not trusted
+            if rows != len(keys):
+                continue
+            for r, k in enumerate(keys):
+                out.setdefault(k, (arr, r))
+        return out
+
+    def _map(self, arr: Path) -> np.ndarray:
+        m = self._maps.get(arr)
+        if m is None:
+            m = np.load(arr, mmap_mode="r")
+            if m.ndim != 2 or m.shape[1] != self.backbone.num_features:
+                raise ValueError(f"{arr} has shape {m.shape}")
+            self._maps[arr] = m
+        return m
 
     @staticmethod
     def _key(root: Path, name: str) -> str:
@@ -138,49 +188,111 @@ class FeatureCache:
         num_workers: int = 0,
         progress: Progress | None = None,
     ) -> FeatureSet:
-        """Features of `names` (relative to `root`) for `view`, computing and storing only what is missing."""
-        index, keys, feats = self._load(view)
-        want = [self._key(root, n) for n in names]
-        missing = [i for i, k in enumerate(want) if k not in index]
-        failed: list[Skipped] = []
-        if missing:
-            new = extract(
-                self.backbone,
-                [root / names[i] for i in missing],
-                view=view,
-                seeds=[_view_seed(self.seed, view, names[i]) for i in missing],
-                flip=self.flip,
-                jitter=self.jitter,
-                scale=self.scale,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=progress,
-            )
-            ok = [j for j, reason in enumerate(new.failed_reasons) if reason is None]
-            failed = [Skipped(names[missing[j]], r) for j, r in enumerate(new.failed_reasons) if r is not None]
-            add_keys = [want[missing[j]] for j in ok]
-            # kept as float16, as stored, so a fresh run and a cached re-run see identical features
-            add = new.feats[ok].astype(np.float16)
-            keys = keys + add_keys
-            feats = add if feats is None else np.concatenate([feats.astype(np.float16), add])
-            index = {k: i for i, k in enumerate(keys)}
-            self._store(view, keys, feats)
-        elif progress is not None:
-            progress(len(names), len(names))
+        """Features of `names` (relative to `root`) for `view`, computing and storing only what is missing.
+
+        Returns float32 (n_ok, num_features) in the order of `names`, without the files that would not decode.
+        """
+        failed = self.build(root, names, view, batch_size=batch_size, num_workers=num_workers, progress=progress)
         bad = {s.name for s in failed}
         ok_names = [n for n in names if n not in bad]
-        rows = [index[self._key(root, n)] for n in ok_names]
-        out = feats[rows].astype(np.float32) if feats is not None and rows else np.zeros((0, self.backbone.num_features), np.float32)
-        return FeatureSet(ok_names, out, failed)
+        return FeatureSet(ok_names, self.read(root, ok_names, view), failed)
+
+    def read(self, root: Path, names: Sequence[str], view: int) -> np.ndarray:
+        """Cached features of `names` for `view`: float32 (n, num_features), read from the memory-mapped
+        shards (only the rows asked for are paged in). Every name must be cached (see `build`)."""
+        index = self.index(view)
+        out = np.zeros((len(names), self.backbone.num_features), np.float32)
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for pos, n in enumerate(names):
+            hit = index.get(self._key(root, n))
+            if hit is None:
+                raise TrainError(f"{n} has no cached features for view {view}; build the cache first (FeatureCache.build).")
+            by_shard.setdefault(hit[0], []).append((hit[1], pos))
+        for arr, pairs in by_shard.items():
+            pairs.sort()
+            rows, pos = [r for r, _ in pairs], [p for _, p in pairs]
+            out[pos] = self._map(arr)[rows]
+        return out
+
+    def build(
+        self,
+        root: Path,
+        names: Sequence[str],
+        view: int,
+        *,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: Progress | None = None,
+    ) -> list[Skipped]:
+        """Compute and store the missing features of `names` for `view`, one shard at a time; returns the
+        files that would not decode (they are not cached, so a fixed file is tried again).
+
+        `progress(done, total)` counts this process's missing images. Under torchrun the missing
+        shards are dealt out to the ranks in rounds, each round's results gathered on every rank and
+        written by local rank 0; every rank returns the same failures.
+        """
+        index = self.index(view)
+        seen: set[str] = set()
+        missing: list[int] = []
+        for i, n in enumerate(names):
+            k = self._key(root, n)
+            if k not in index and k not in seen:
+                seen.add(k)
+                missing.append(i)
+        world, me = dist.world_size(), dist.rank()
+        missing = dist.broadcast(missing)  # every rank deals out the same list, whatever its disk showed
+        if not missing:
+            if progress is not None:
+                progress(len(names), len(names))
+            return []
+        rows = min(self.shard_rows, -(-len(missing) // world))  # smaller shards when there are too few for every rank
+        chunks = [missing[j : j + rows] for j in range(0, len(missing), rows)]
+        mine_total = sum(len(c) for c in chunks[me::world])
+        done = 0
+        failed: list[Skipped] = []
+        for start in range(0, len(chunks), world):
+            chunk = chunks[start + me] if start + me < len(chunks) else []
+            part = self._extract_chunk(root, names, chunk, view, batch_size=batch_size, num_workers=num_workers,
+                                       progress=None if progress is None else (lambda d, _t, base=done: progress(base + d, mine_total)))  # fmt: skip
+            done += len(chunk)
+            for keys, feats, bad in dist.gather(part):
+                failed.extend(Skipped(n, r) for n, r in bad)
+                if keys and dist.is_local_main():
+                    self._store(view, keys, feats)
+        dist.barrier()  # every writer finished before anyone reads
+        return failed
+
+    def _extract_chunk(self, root: Path, names: Sequence[str], chunk: list[int], view: int, *, batch_size: int, num_workers: int, progress: Progress | None) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+        """(keys, float16 features, [(name, reason)] of failures) of one shard's images."""
+        if not chunk:
+            return [], np.zeros((0, self.backbone.num_features), np.float16), []
+        new = extract(
+            self.backbone,
+            [root / names[i] for i in chunk],
+            view=view,
+            seeds=[_view_seed(self.seed, view, names[i]) for i in chunk],
+            flip=self.flip,
+            jitter=self.jitter,
+            scale=self.scale,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+            device=self.device,
+            precision=self.precision,
+        )
+        ok = [j for j, reason in enumerate(new.failed_reasons) if reason is None]
+        bad = [(names[chunk[j]], r) for j, r in enumerate(new.failed_reasons) if r is not None]
+        # kept as float16, as stored, so a fresh run and a cached re-run see identical features
+        return [self._key(root, names[chunk[j]]) for j in ok], new.feats[ok].astype(np.float16), bad
 
     def _store(self, view: int, keys: list[str], feats: np.ndarray) -> None:
-        meta, arr = self._paths(view)
-        import io
-
+        sid = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
+        base = self.view_dir(view) / sid
         buf = io.BytesIO()
-        np.save(buf, feats.astype(np.float16))
-        atomic_write_bytes(arr, buf.getvalue())
-        atomic_write_json(meta, {"keys": keys})
+        np.save(buf, np.ascontiguousarray(feats, dtype=np.float16))
+        atomic_write_bytes(base.with_suffix(".npy"), buf.getvalue())
+        atomic_write_json(base.with_suffix(".json"), {"keys": keys, "rows": len(keys)})
+        self._maps.pop(base.with_suffix(".npy"), None)
 
 
 def _view_seed(seed: int, view: int, name: str) -> int:
@@ -205,10 +317,14 @@ def extract(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> _Extracted:
     """Run the frozen backbone over one view of `paths`: float32 features (n, num_features).
 
-    The model runs in channels-last layout under `inference_mode` (about 1.5x faster on CPU here).
+    The model runs in channels-last layout under `inference_mode` (about 1.5x faster on CPU here), on
+    `device`, under autocast when `precision` is bf16/fp16. Images are decoded by `num_workers`
+    DataLoader workers as batches are needed, so memory holds a few batches, not the dataset.
     """
     size = input_size(backbone.data_config)
     if view in (PLAIN, MIRROR):
@@ -217,7 +333,8 @@ def extract(
         tf, view_seeds = train_transform(backbone.data_config, flip=flip, jitter=jitter, scale=scale), list(seeds or [])
     ds = _Images(paths, tf, size, view_seeds)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
-    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    device = torch.device(device)
+    model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
     out = np.zeros((len(ds), backbone.num_features), np.float32)
     reasons: list[str | None] = []
     done = 0
@@ -225,8 +342,9 @@ def extract(
         for x, ok, why in dl:
             if view == MIRROR:
                 x = torch.flip(x, dims=[-1])
-            f = model(x.contiguous(memory_format=torch.channels_last))
-            out[done : done + len(x)] = f.float().numpy()
+            with dist.autocast(device, precision):
+                f = model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            out[done : done + len(x)] = f.float().cpu().numpy()
             reasons.extend(None if o else str(w) for o, w in zip(ok.tolist(), why))
             done += len(x)
             if progress is not None:

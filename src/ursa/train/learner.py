@@ -9,6 +9,7 @@ milliseconds per epoch), then, optionally, on images for full fine-tuning.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ursa.errors import TrainError
+from ursa.train import distributed as dist
 from ursa.train.callbacks import Callback, CheckpointCallback, ProgressCallback, Recorder
 from ursa.train.metrics import METRICS
 from ursa.train.schedule import LRSuggestion, lr_range, one_cycle, smooth, split_lrs, suggest_lr
@@ -101,6 +103,10 @@ class Learner:
         preprocess: Callable[[Any], torch.Tensor] | None = None,
         bn_eval: nn.Module | None = None,
         dls: Any = None,
+        device: torch.device | str | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        ddp: bool = False,
     ):
         self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
         self.classes = list(classes)
@@ -114,6 +120,17 @@ class Learner:
         # statistics and break a head that was trained on features computed with them.
         self.bn_eval = bn_eval
         self.dls = dls  # the DataBunch, for image learners
+        # Scale-out: batches go to `device` (None: left where the loader puts them), the forward pass
+        # runs under autocast for bf16/fp16, image batches may be channels-last, and with `ddp` inside
+        # a torchrun process group the model is wrapped in DistributedDataParallel while it trains
+        # (gradients all-reduced; the loaders should then use a DistributedSampler).
+        self.device = None if device is None else torch.device(device)
+        self.precision, self.channels_last, self.ddp = precision, channels_last, ddp
+        self.train_seconds, self.train_samples = 0.0, 0  # time in training batches (no validation), samples over all ranks
+        if self.device is not None:
+            self.model.to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.recorder = Recorder()
         self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress), *cbs]
         self.frozen_to = 0
@@ -188,25 +205,62 @@ class Learner:
                 if isinstance(m, _BN):
                     m.eval()
 
+    def _batch(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the learner's device (and channels-last for image batches when asked)."""
+        if self.device is not None:
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        if self.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, yb
+
+    def _net(self) -> nn.Module:
+        """The module to train: the model, or a DDP wrapper of it (built after freeze/unfreeze, which DDP needs)."""
+        if not (self.ddp and dist.is_distributed()):
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
     def _fit(self, n_epoch: int, opt: torch.optim.Optimizer, schedule: Callable[[int], None]) -> None:
         self.n_epoch, step = n_epoch, 0
+        net = self._net()
+        dev = self.device or torch.device("cpu")
+        scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
+        sampler = getattr(self.train_dl, "sampler", None)
         self._call("before_fit")
         try:
             for self.epoch in range(n_epoch):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(self.epoch)  # DistributedSampler: a new shuffle each epoch, the same on every rank
                 self._train_mode()
                 tot, cnt = 0.0, 0
+                t_epoch = time.perf_counter()
                 for xb, yb in self.train_dl:
+                    xb, yb = self._batch(xb, yb)
                     schedule(step)
-                    loss = self.loss_func(self.model(xb), yb)
+                    with dist.autocast(dev, self.precision):
+                        out = net(xb)
+                    loss = self.loss_func(out.float(), yb)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
                     step += 1
                     self.last_loss, self.last_lr = loss.item(), opt.param_groups[-1]["lr"]
                     if not math.isfinite(self.last_loss):
                         raise TrainError(f"the training loss became {self.last_loss} at epoch {self.epoch + 1}: the learning rate is too high. Run lr_find and pick a smaller one.")
                     tot, cnt = tot + self.last_loss * len(yb), cnt + len(yb)
                     self._call("after_batch")
+                if self.ddp and dist.is_distributed():  # the epoch's loss over every rank's samples
+                    parts = dist.gather((tot, cnt))
+                    tot, cnt = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                self.train_seconds += time.perf_counter() - t_epoch
+                self.train_samples += cnt
                 self.epoch_train_loss = tot / max(1, cnt)
                 self.last_metrics = self.validate()
                 self._call("after_epoch")
@@ -230,9 +284,12 @@ class Learner:
             raise TrainError("no validation data: pass a DataLoader to get_preds().")
         self.model.eval()
         outs, ys = [], []
+        dev = self.device or torch.device("cpu")
         with torch.inference_mode():
             for xb, yb in dl:
-                outs.append(self.model(xb).float())
+                xb, _ = self._batch(xb, yb)
+                with dist.autocast(dev, self.precision):
+                    outs.append(self.model(xb).float().cpu())
                 ys.append(yb)
         logits = torch.cat(outs) if outs else torch.zeros(0, len(self.classes))
         return logits.softmax(-1), (torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long))
@@ -252,7 +309,8 @@ class Learner:
         x = self.preprocess(item) if self.preprocess is not None and not isinstance(item, torch.Tensor) else item
         self.model.eval()
         with torch.inference_mode():
-            probs = self.model(x.unsqueeze(0)).softmax(-1)[0]
+            xb, _ = self._batch(x.unsqueeze(0), torch.zeros(1, dtype=torch.long))
+            probs = self.model(xb).float().softmax(-1)[0].cpu()
         idx = int(probs.argmax())
         return self.classes[idx], idx, probs
 
@@ -276,6 +334,7 @@ class Learner:
                         break
                     for pg in opt.param_groups:
                         pg["lr"] = float(lrs[it])
+                    xb, yb = self._batch(xb, yb)
                     loss = self.loss_func(self.model(xb), yb)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -300,9 +359,14 @@ class Learner:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, name: str) -> Path:
-        """Write the model's weights to `path/models/<name>.safetensors` (atomic; no pickle)."""
+        """Write the model's weights to `path/models/<name>.safetensors` (atomic; no pickle).
+
+        Under torchrun only global rank 0 writes (every rank holds the same weights); the path is returned on all.
+        """
         from safetensors.torch import save
 
+        if not dist.is_main():
+            return self.path / "models" / f"{name}.safetensors"
         data = save({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata={"classes": ",".join(self.classes)})
         from ursa._io import atomic_write_bytes
 

@@ -32,6 +32,7 @@ from ursa.config import DataConfig, TrainConfig, to_dict
 from ursa.data.split import Split, build_split, save_split
 from ursa.errors import TrainError
 from ursa.models import Backbone, create_backbone
+from ursa.train import distributed as dist
 from ursa.train.features import MIRROR, PLAIN, FeatureCache, cache_dir_for
 from ursa.train.learner import Head, Learner, body_groups
 from ursa.train.metrics import accuracy, error_rate
@@ -86,9 +87,10 @@ class FeatureData:
     views: list[int]
 
 
-def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg: DataConfig, *, progress: Callable[[str, int, int], None] | None = None) -> FeatureData:
-    """Features for every training view and the evaluation views of the validation set (cached on disk)."""
-    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed)
+def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg: DataConfig, *, progress: Callable[[str, int, int], None] | None = None, device: torch.device | str = "cpu") -> FeatureData:
+    """Features for every training view and the evaluation views of the validation set (cached on disk;
+    computed on `device`, shared out across ranks under torchrun)."""
+    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed, device=device)
     views = views_for(len(split.train), max_views=cfg.views, budget=int(cfg.extra.get("view_budget", 2000)), flip=data_cfg.flip)
     eval_views = [PLAIN, MIRROR] if (cfg.tta and data_cfg.flip) else [PLAIN]
     kw = dict(batch_size=cfg.batch_size, num_workers=int(cfg.extra.get("num_workers", 0)))
@@ -238,15 +240,20 @@ def train_run(
     t0 = time.perf_counter()
     if train.threads:
         torch.set_num_threads(train.threads)
+    # under torchrun: join the process group; only rank 0 shows progress and writes the run folder
+    device = dist.pick_device(str(train.extra.get("device", "auto")))
+    dist.init(device)
+    progress = progress and dist.is_main()
     split = split or build_split(root, data)
     backbone = prepare_backbone(train, backbone)
-    out = next_free_dir(Path(out))
-    out.mkdir(parents=True, exist_ok=True)
-    save_split(split, out / "split.json")
+    out = dist.broadcast(next_free_dir(Path(out)))  # rank 0's choice, so every rank names the same folder
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(split, out / "split.json")
 
     bar = _FeatureProgress(enabled=progress, console=console)
     t_feat = time.perf_counter()
-    fd = cached_features(split, backbone, train, data, progress=bar.update)
+    fd = cached_features(split, backbone, train, data, progress=bar.update, device=device)
     bar.close()
     feat_s = time.perf_counter() - t_feat
     if len(fd.y_valid) == 0:
@@ -270,11 +277,13 @@ def train_run(
     stage = "head"
 
     # ---- stage 2 (optional): full fine-tuning on images ----
+    runtime: dict[str, Any] = {"device": str(device), "world_size": dist.world_size()}
     if train.fine_tune > 0:
-        probs, ft_rows, ft_losses = _fine_tune(model, backbone, head, split, fd, train, data, out, progress)
+        probs, ft_rows, ft_losses = _fine_tune(model, backbone, head, split, fd, train, data, out, progress, device=device, runtime=runtime)
         history += ft_rows
         batch_losses += ft_losses
         stage = "fine_tune"
+    model.cpu()
 
     y = fd.y_valid
     wall = time.perf_counter() - t0
@@ -292,11 +301,16 @@ def train_run(
         "feature_s": round(feat_s, 2),
         "wall_s": round(wall, 2),
     }
-    _write_run(out, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs)
+    if dist.is_main():
+        _write_run(out, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime)
+    dist.barrier()  # the run folder is complete before any rank returns
     return RunResult(out, metrics, model, split.classes, split, backbone, history)
 
 
-def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> tuple[torch.Tensor, list[dict[str, Any]], list[float]]:
+def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, out: Path, progress: bool, *, device: torch.device = torch.device("cpu"), runtime: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]], list[float]]:
+    """Full fine-tuning on images. Under torchrun: DDP, a DistributedSampler, and the global batch kept at
+    the single-process size (each of N ranks takes bs / N), so the schedule means the same on 1 or N processes.
+    `runtime` receives the precision chosen (and why) and the training throughput in images/s."""
     from ursa.data.items import Item
     from ursa.data.loaders import ImageDataLoaders
 
@@ -304,8 +318,21 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     good_valid = set(fd.valid_names)
     clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
     size = int(train.extra.get("fine_tune_size", 0)) or None
-    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=min(train.batch_size, 32), flip=data.flip, size=size, num_workers=int(train.extra.get("num_workers", 0)))
-    learn = Learner(model, dls.train, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune", label_smoothing=0.1, preprocess=dls.preprocess, bn_eval=model)
+    bs = min(train.batch_size, 32)
+    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=bs, flip=data.flip, size=size, num_workers=int(train.extra.get("num_workers", 0)))
+    train_dl, world = dls.train, dist.world_size()
+    if world > 1:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(train_dl.dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=data.seed)
+        per = max(1, bs // world)
+        nw = train_dl.num_workers
+        train_dl = DataLoader(train_dl.dataset, batch_size=per, sampler=sampler, drop_last=len(sampler) > per, collate_fn=train_dl.collate_fn, num_workers=nw, persistent_workers=nw > 0)
+    channels_last = bool(train.extra.get("channels_last", device.type == "cuda"))
+    model.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    precision, why = dist.choose_precision(str(train.extra.get("precision", "auto")), device, probe=_precision_probe(model, train_dl, device, channels_last))
+    learn = Learner(model, train_dl, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune", label_smoothing=float(train.extra.get("label_smoothing", 0.0)), preprocess=dls.preprocess, bn_eval=model,
+                    device=device, precision=precision, channels_last=channels_last, ddp=world > 1)  # fmt: skip
     learn.unfreeze()
     lr = train.fine_tune_lr
     with torch.random.fork_rng(devices=[]):
@@ -316,13 +343,33 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
         from ursa.data.transforms import flip_view
 
         model.eval()
-        with torch.inference_mode():
-            flipped = torch.cat([model(flip_view(xb)).softmax(-1) for xb, _ in dls.valid])
+        with torch.inference_mode(), dist.autocast(device, precision):
+            flipped = torch.cat([model(learn._batch(flip_view(xb), yb)[0]).float().softmax(-1).cpu() for xb, yb in dls.valid])
         probs = (probs + flipped) / 2
+    if runtime is not None:
+        ips = learn.train_samples / learn.train_seconds if learn.train_seconds > 0 else float("nan")
+        runtime.update({"precision": why, "channels_last": channels_last, "fine_tune_images_per_s": round(ips, 2), "fine_tune_train_s": round(learn.train_seconds, 3)})
     return probs, list(learn.recorder.rows), list(learn.recorder.batch_losses)
 
 
-def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor) -> None:
+def _precision_probe(model: nn.Module, dl: DataLoader, device: torch.device, channels_last: bool) -> Callable[[str], None]:
+    """One forward and backward pass on the first batch at a given precision (weights untouched), for timing."""
+    cache: list[torch.Tensor] = []
+
+    def step(precision: str) -> None:
+        if not cache:
+            xb, _ = next(iter(dl))
+            xb = xb.to(device)
+            cache.append(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb)
+        with dist.autocast(device, precision):
+            out = model(cache[0])
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor, *, runtime: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save
 
     from ursa.train.callbacks import Recorder
@@ -340,6 +387,7 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "runtime": runtime or {},  # device, processes, precision and its reason, fine-tuning images/s
     }
     atomic_write_json(out / "config.json", config)
     rec = Recorder()
