@@ -166,3 +166,18 @@ def test_real_dataset_reads_with_its_odd_names() -> None:
     names = {it.name for it in sp.train}
     assert "training/n9/n9151jpg" in names and "training/n9/n9160.png" in names
     assert len(sp.train) == 1097 and len(sp.valid) == 272 and len(sp.classes) == 10
+
+
+def test_read_only_dataset_gets_its_cache_elsewhere(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ursa.train.features import cache_dir_for
+
+    monkeypatch.delenv("URSA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_for(tiny_dataset) == tiny_dataset / ".ursa" / "cache"
+    ro = make_dataset(tmp_path / "ro", classes=2, per_class=2)
+    ro.chmod(0o555)
+    try:
+        where = cache_dir_for(ro)
+        assert str(where).startswith(str(tmp_path / "xdg")) and not (ro / ".ursa").exists()
+    finally:
+        ro.chmod(0o755)
