@@ -67,7 +67,8 @@ def split_items(
     """Split `items` into (train, valid), stratified by label; both lists sorted by name.
 
     Each class puts round(n * valid_pct) items (at least 1, at most n - 1) into valid, choosing whole
-    groups (items with the same `groups[name]`) in a seeded random order. Raises DataError for a
+    groups (items with the same `groups[name]`) in a seeded random order; a group whose items carry
+    different labels stays in train. Raises DataError for a
     `valid_pct` outside (0, 1) or a class with fewer than 2 items.
     """
     if not 0.0 < valid_pct < 1.0:
@@ -77,6 +78,13 @@ def split_items(
         by_class[it.label].append(it)
     train: list[Item] = []
     valid: list[Item] = []
+    # The same picture under two labels (a labelling conflict) stays in training, whole, so it can
+    # neither leak across the split nor give validation a contradictory target.
+    spans: dict[str, set[str]] = defaultdict(set)
+    if groups:
+        for it in items:
+            spans[groups.get(it.name, it.name)].add(it.label)
+    cross = {k for k, labs in spans.items() if len(labs) > 1}
     for label in sorted(by_class):
         members = by_class[label]
         n = len(members)
@@ -89,7 +97,7 @@ def split_items(
         units: dict[str, list[Item]] = defaultdict(list)
         for it in members:
             units[groups.get(it.name, it.name) if groups else it.name].append(it)
-        keys = sorted(units)
+        keys = sorted(k for k in units if k not in cross)
         rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
         order = rng.permutation(len(keys))
         chosen: list[Item] = []
