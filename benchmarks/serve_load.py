@@ -36,7 +36,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_seconds: float) -> dict[str, object]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_seconds: float, server_pid: int) -> dict[str, object]:
     lat: list[float] = []
     errors: dict[str, int] = {}
     issued = 0
@@ -59,6 +68,7 @@ async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_s
             await one(i)
         lat.clear()
         errors.clear()
+        server_cpu0, client_cpu0 = cpu_seconds(server_pid), time.process_time()
         start = time.perf_counter()
         deadline = start + max_seconds
 
@@ -70,7 +80,9 @@ async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_s
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu0, time.process_time() - client_cpu0
     done = len(lat)
+    per_req = (server_cpu + client_cpu) / max(1, done)
     return {
         "requests": issued,
         "ok": done,
@@ -81,6 +93,10 @@ async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_s
         "median_ms": round(float(np.median(lat)), 1) if lat else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat else None,
         "stopped_by_time": issued < n,
+        # CPU spent per request, less sensitive to other load on the machine than the wall-clock rate:
+        "server_cpu_ms_per_req": round(server_cpu * 1e3 / max(1, done), 2),
+        "client_cpu_ms_per_req": round(client_cpu * 1e3 / max(1, done), 2),
+        "cpu_bound_req_per_s_if_cores_were_idle": round((os.cpu_count() or 1) / per_req, 1) if per_req > 0 else None,
     }
 
 
@@ -100,7 +116,7 @@ def serve_and_load(model: Path, images: list[bytes], *, backend: str, n: int, co
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
             time.sleep(0.2)
-        return asyncio.run(load(url, images, n=n, concurrency=concurrency, max_seconds=max_seconds))
+        return asyncio.run(load(url, images, n=n, concurrency=concurrency, max_seconds=max_seconds, server_pid=proc.pid))
     finally:
         proc.terminate()
         try:
