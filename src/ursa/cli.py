@@ -960,7 +960,9 @@ def _scale_out(cfg, *, nproc: int, device: str, precision: str):  # noqa: ANN001
         raise TrainError(f"--device {device} is not a device; use auto, cpu or cuda.")
     if precision not in dist.PRECISIONS:
         raise TrainError(f"--precision {precision} is not a precision; use one of {', '.join(dist.PRECISIONS)}.")
-    dist.pick_device(device)  # --device cuda without a GPU fails here, before anything starts
+    picked = dist.pick_device(device)  # --device cuda without a GPU fails here, before anything starts
+    if nproc > 1 and picked.type == "cuda" and nproc > _cuda_count():
+        raise TrainError(f"--nproc {nproc} needs {nproc} GPUs but {_cuda_count()} are visible; use --nproc {_cuda_count()} or --device cpu.")
     under_torchrun = "WORLD_SIZE" in os.environ
     if nproc > 1 and not under_torchrun:
         argv = _without_nproc(_ARGV or sys.argv[1:])
@@ -971,6 +973,13 @@ def _scale_out(cfg, *, nproc: int, device: str, precision: str):  # noqa: ANN001
         console.quiet = True
     given = {k: v for k, v in (("device", device), ("precision", precision)) if v != "auto"}
     return dataclasses.replace(cfg, extra={**cfg.extra, **given}) if given else cfg
+
+
+def _cuda_count() -> int:
+    """GPUs visible to PyTorch."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _shard_jobs(jobs: list, shard: str) -> list:  # noqa: ANN001
