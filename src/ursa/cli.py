@@ -194,7 +194,7 @@ def train_cmd(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the one_cycle head (default 3e-3); implies --head one_cycle.")] = None,
     views: Annotated[int, typer.Option("--views", help="Most augmented views per training image in the feature cache.")] = 8,
     fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage (0: none).")] = 0,
-    fine_tune_lr: Annotated[float, typer.Option("--fine-tune-lr", help="Peak learning rate of the last layers when fine-tuning.")] = 1e-3,
+    fine_tune_lr: Annotated[float, typer.Option("--fine-tune-lr", help="Peak learning rate of the head when fine-tuning (the body gets 1/10 and 1/100 of it).")] = 1e-4,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own, 224 for lite0).")] = None,
     batch_size: Annotated[int, typer.Option("--bs", help="Images per batch.")] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,

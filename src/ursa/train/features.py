@@ -52,6 +52,10 @@ def cache_dir_for(root: Path) -> Path:
     if env:
         return Path(env) / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
     local = root / ".ursa" / "cache"
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ursa" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    # A folder with no write bits is read-only by intent, even for root (who could write anyway).
+    if not (root.stat().st_mode & 0o222):
+        return home
     try:
         local.mkdir(parents=True, exist_ok=True)
         probe = local / ".write-test"
@@ -59,8 +63,7 @@ def cache_dir_for(root: Path) -> Path:
         probe.unlink()
         return local
     except OSError:
-        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ursa"
-        return home / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+        return home
 
 
 class _Images(Dataset):

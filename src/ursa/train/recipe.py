@@ -202,10 +202,10 @@ def fit_linear_head(learn: Learner, *, c: float = 0.5, max_iter: int = 300) -> N
         head.fc.weight.copy_(w)
         head.fc.bias.copy_(b)
     head.eval()
-    learn.recorder.batch_losses.extend(losses)
+    # L-BFGS iterations are not mini-batches: the history gets one row and no batch losses
     with torch.no_grad():
         ce = float(torch.nn.functional.cross_entropy(head(x), y))
-    learn.recorder.rows.append({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), **learn.validate()})
+    learn.recorder.rows.append({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), "batches": 0, "iterations": len(losses), **learn.validate()})
 
 
 def _tta_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -314,6 +314,8 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     from ursa.data.items import Item
     from ursa.data.loaders import ImageDataLoaders
 
+    if train.head == "lbfgs":
+        head.drop.p = 0.0  # the fitted head never saw dropout; keep its logits as they were fitted
     good_train = set(fd.train_names)
     good_valid = set(fd.valid_names)
     clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
