@@ -37,7 +37,6 @@ class TrainConfig:
     epochs: int = 12  # epochs of head training on the feature cache (head="one_cycle")
     lr: float | None = None  # peak learning rate of the one-cycle head stage; None: 3e-3
     views: int = 8  # most augmented views per training image in the feature cache (small sets get more)
-    tune_blocks: int = 1  # last backbone stages trained on cached activations (0: a linear head only)
     fine_tune: int = 0  # epochs of full fine-tuning after the cached stage (unfrozen, discriminative lrs)
     fine_tune_lr: float = 1e-4  # peak learning rate of the head in full fine-tuning (the body gets 1/10 and 1/100)
     size: int | None = None  # input side in pixels; None: the backbone's own (224 for EfficientNet-Lite0)
