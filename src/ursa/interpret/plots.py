@@ -70,12 +70,19 @@ def plot_losses(batch_losses: Sequence[float], rows: Sequence[dict[str, Any]], *
                 ax.text(i + 0.6, ax.get_ylim()[1] * 0.95, str(stages[i]), fontsize=8, color="grey", va="top")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper right")
+        ax.legend(h1 + h2, l1 + l2, loc="lower left" if len(rows) == 1 else "upper right", fontsize=8)
         ax.set_xlim(0, len(rows) + 0.3)
+        top = np.nanmax([*(r.get("valid_loss", np.nan) for r in rows), *(b if len(b) else [np.nan]), *tl])
+        if np.isfinite(top):
+            ax.set_ylim(0, top * 1.3)
+        ax2.set_ylim(0, max(0.05, np.nanmax([r.get("error_rate", np.nan) for r in rows] or [0.05]) * 1.3))
+        last = rows[-1]
+        ax.set_title(f"Training and validation loss (final error rate {last.get('error_rate', float('nan')):.2%})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (cross-entropy)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Training and validation loss")
+    if not rows:
+        ax.set_title("Training and validation loss")
     ax.grid(alpha=0.3)
     return finish(fig, out)
 
