@@ -24,7 +24,7 @@ def test_info(run_cli, tiny_dataset: Path) -> None:
 
 def test_show_batch(run_cli, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "batch.png"
-    code, stdout, _ = run_cli("show-batch", tiny_dataset, "--out", out)
+    code, stdout, _ = run_cli("show-batch", tiny_dataset, "--out", out, "--size", "96")
     assert code == 0 and "wrote" in stdout
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 300

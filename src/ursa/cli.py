@@ -134,6 +134,7 @@ def show_batch(
     seed: SeedOpt = 42,
     flip: FlipOpt = True,
     arch: ArchOpt = "efficientnet_lite0",
+    size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels, as given to train (default: the backbone's own).")] = None,
 ) -> None:
     """A grid of augmented training images with their labels."""
     from ursa.data.loaders import ImageDataLoaders, default_data_config
@@ -141,7 +142,7 @@ def show_batch(
 
     _check_out_file(out)
     split = build_split(data, _data_config(train, valid, labels, valid_pct, seed, flip))
-    dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=flip)
+    dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=flip, size=size)
     from ursa.interpret.plots import show_batch as draw_batch
 
     draw_batch(dls, n, out=out)

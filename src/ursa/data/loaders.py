@@ -107,6 +107,7 @@ class ImageDataLoaders:
     def from_split(split: Split, data_config: dict[str, Any], *, bs: int = 32, flip: bool = True, num_workers: int = 0, size: int | None = None) -> DataBunch:
         """DataLoaders over an existing split; `size` overrides the model's input side (px)."""
         side = size or input_size(data_config)
+        data_config = {**data_config, "input_size": (3, side, side)}
         tr = ImageDataset(split.root, split.train, split.classes, train_transform(data_config, size=side, flip=flip), size=side)
         va = ImageDataset(split.root, split.valid, split.classes, eval_transform(data_config, size=side), size=side)
         g = torch.Generator().manual_seed(split.seed)
