@@ -31,7 +31,6 @@ def main() -> None:
     from ursa.cli import tune_allocator
 
     tune_allocator()
-    import numpy as np
     import torch
 
     torch.set_num_threads(2)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -80,3 +81,23 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     if "URSA_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("URSA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ursa-cache"))
     monkeypatch.setenv("COLUMNS", "160")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless, and kept off the network (its background services would otherwise try to reach out).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium driven by Playwright; skipped when absent, a failure when CI is set."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium (.ci/run does this).")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

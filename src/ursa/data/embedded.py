@@ -5,6 +5,7 @@ It ships inside an installed package, so `ursa demo` and the lessons run on any 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,6 @@ def write_digits(root: str | Path, *, size: int = 32, per_class: int | None = No
             continue
         pil = Image.fromarray((img * 255).astype(np.uint8), mode="L").resize((size, size), Image.Resampling.BICUBIC)
         path.parent.mkdir(parents=True, exist_ok=True)
-        import io
-
         buf = io.BytesIO()
         pil.convert("RGB").save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())

@@ -18,7 +18,7 @@ import numpy as np
 
 from ursa._io import atomic_write_json, sha256_file
 from ursa.config import DataConfig
-from ursa.data.items import Item, ItemSet, Skipped, find_split_folders, read_labels_csv, scan_class_folders
+from ursa.data.items import Item, Skipped, find_split_folders, read_labels_csv, scan_class_folders
 from ursa.errors import DataError
 
 __all__ = ["Split", "split_items", "build_split", "save_split", "load_split", "content_groups", "dataset_sizes"]

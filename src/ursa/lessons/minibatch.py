@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = ["MinibatchResult", "make_regression", "run_gd", "minibatch_lesson"]

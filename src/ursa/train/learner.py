@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ursa._io import atomic_write_bytes
 from ursa.errors import TrainError
 from ursa.train import distributed as dist
-from ursa.train.callbacks import Callback, CheckpointCallback, ProgressCallback, Recorder
+from ursa.train.callbacks import Callback, ProgressCallback, Recorder
 from ursa.train.metrics import METRICS
 from ursa.train.schedule import LRSuggestion, lr_range, one_cycle, smooth, split_lrs, suggest_lr
 
@@ -368,8 +369,6 @@ class Learner:
         if not dist.is_main():
             return self.path / "models" / f"{name}.safetensors"
         data = save({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, metadata={"classes": ",".join(self.classes)})
-        from ursa._io import atomic_write_bytes
-
         return atomic_write_bytes(self.path / "models" / f"{name}.safetensors", data)
 
     def load(self, name: str) -> "Learner":

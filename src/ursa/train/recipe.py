@@ -311,7 +311,6 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     """Full fine-tuning on images. Under torchrun: DDP, a DistributedSampler, and the global batch kept at
     the single-process size (each of N ranks takes bs / N), so the schedule means the same on 1 or N processes.
     `runtime` receives the precision chosen (and why) and the training throughput in images/s."""
-    from ursa.data.items import Item
     from ursa.data.loaders import ImageDataLoaders
 
     if train.head == "lbfgs":
