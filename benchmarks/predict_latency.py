@@ -8,8 +8,9 @@ Each run reads the file, decodes, preprocesses and runs the model:
 - eager: training's path, `open_image` + torchvision `eval_transform` + the same weights in PyTorch eager
   (`torch.inference_mode`, 2 threads), softmax.
 
-Runs alternate (ursa, eager, ursa, ...) so machine noise hits both alike: 20 warm-up runs each, then 200
-each. Prints one JSON line with median and p99 in milliseconds and the speed-up. The model comes from
+Runs alternate in blocks of 10 (10 ursa, 10 eager, ...) so machine noise hits both alike, with a 50 ms
+pause between blocks so neither contender's idle, still-spinning threads run during the other's block:
+20 warm-up runs each, then 200 each. Prints one JSON line with median and p99 in milliseconds and the speed-up. The model comes from
 `--model` (an export folder) or is exported from `--run` (default /tmp/m10run, made by
 `ursa train /work/shared/data/monkey10 --train training --valid validation --out /tmp/m10run`).
 """
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--run", type=Path, default=Path("/tmp/m10run"))
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--block", type=int, default=10, help="runs per contender before switching (default 10)")
     args = ap.parse_args()
 
     import torch
@@ -73,13 +75,18 @@ def main() -> int:
     diff = float(np.abs(run_ursa() - run_eager()).max())
     times: dict[str, list[float]] = {"ursa": [], "eager": []}
     cpu: dict[str, list[float]] = {"ursa": [], "eager": []}
-    for i in range(20 + args.runs):
+    # Blocks of `block` runs, alternating contenders, so machine noise hits both alike; a pause between
+    # blocks lets the previous contender's idle threads stop spinning (PyTorch's OpenMP workers and ONNX
+    # Runtime's pool both busy-wait for a while after a run) so they do not steal the other's cores.
+    for b in range((20 + args.runs) // args.block):
         for name, fn in (("ursa", run_ursa), ("eager", run_eager)):
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            if i >= 20:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
+            time.sleep(0.05)
+            for _ in range(args.block):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                if b * args.block >= 20:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    cpu[name].append((time.process_time() - c0) * 1e3)
 
     def stats(name: str) -> dict[str, float]:
         v = times[name]

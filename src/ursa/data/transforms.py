@@ -6,14 +6,17 @@ crop fraction and interpolation. Nothing here copies those constants.
 
 from __future__ import annotations
 
-import math
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+
+from ursa.data.images import draft_jpeg, eval_geometry, normalize_into, resize_center_crop, upright_rgb
 
 __all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
 
@@ -32,19 +35,8 @@ def open_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
     decoding (several times faster on phone photos) without going below `min_side` pixels.
     """
     im = Image.open(path)
-    if min_side is not None and im.format == "JPEG":
-        w, h = im.size
-        scale = min(w, h) / min_side
-        if scale >= 2:
-            im.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
-    im = ImageOps.exif_transpose(im)
-    if im.mode != "RGB":
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-    return im
+    draft_jpeg(im, min_side)
+    return upright_rgb(im)
 
 
 def _normalize(data_config: dict[str, Any]) -> list[Any]:
@@ -52,11 +44,17 @@ def _normalize(data_config: dict[str, Any]) -> list[Any]:
 
 
 def eval_transform(data_config: dict[str, Any], *, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32."""
-    size = size or input_size(data_config)
-    crop_pct = float(data_config.get("crop_pct", 0.875))
-    interp = _INTERP.get(str(data_config.get("interpolation", "bicubic")), InterpolationMode.BICUBIC)
-    return T.Compose([T.Resize(int(math.floor(size / crop_pct)), interpolation=interp, antialias=True), T.CenterCrop(size), *_normalize(data_config)])
+    """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32.
+
+    The geometry is `ursa.data.images.resize_center_crop`, the one the exported predictor uses too.
+    """
+    side, short, resample = eval_geometry(data_config, size=size)
+    return functools.partial(_eval, side=side, short=short, resample=resample, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+
+
+def _eval(im: Image.Image, *, side: int, short: int, resample: Image.Resampling, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    a = resize_center_crop(im, short=short, size=side, resample=resample)
+    return torch.from_numpy(normalize_into(np.empty((3, side, side), np.float32), a, mean, std))
 
 
 def train_transform(

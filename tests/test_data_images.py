@@ -1,0 +1,118 @@
+"""ursa.data.images: the evaluation geometry shared by training and serving, and upright decoding."""
+
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from conftest import draw_example
+from ursa.data import images
+from ursa.data.transforms import eval_transform, open_image
+
+R = Image.Resampling
+
+
+def _two_pass_reference(im: Image.Image, short: int, size: int, resample: R) -> np.ndarray:
+    """The definition: whole-image horizontal pass, then vertical pass, then torchvision's crop."""
+    w, h = im.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if nw != w:
+        im = im.resize((nw, h), resample=resample)
+    if nh != h:
+        im = im.resize((nw, nh), resample=resample)
+    x = T.CenterCrop(size)(T.PILToTensor()(im))
+    return x.permute(1, 2, 0).numpy()
+
+
+@pytest.fixture(scope="module")
+def pool() -> ThreadPoolExecutor:
+    with ThreadPoolExecutor(1) as ex:
+        yield ex
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=st.integers(1, 900),
+    h=st.integers(1, 900),
+    size=st.sampled_from([16, 64, 224]),
+    crop=st.sampled_from([0.875, 0.95, 1.0, 1.15]),
+    interp=st.sampled_from(["bicubic", "bilinear", "nearest"]),
+)
+def test_resize_center_crop_is_the_two_pass_resize_with_and_without_threads(w: int, h: int, size: int, crop: float, interp: str, pool: ThreadPoolExecutor) -> None:
+    rng = np.random.default_rng(w * 1000 + h)
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    side, short, resample = images.eval_geometry({"input_size": [3, size, size], "crop_pct": crop, "interpolation": interp})
+    ref = _two_pass_reference(im, short, side, resample)
+    one = images.resize_center_crop(im, short=short, size=side, resample=resample)
+    two = images.resize_center_crop(im, short=short, size=side, resample=resample, pool=pool)
+    assert one.shape == (side, side, 3) and one.dtype == np.uint8
+    np.testing.assert_array_equal(one, ref)
+    np.testing.assert_array_equal(two, ref)
+
+
+@pytest.mark.parametrize("wh", [(500, 375), (375, 500), (640, 480), (1024, 683), (300, 300), (224, 224), (4032, 3024)])
+def test_photo_shapes_match_torchvision_resize_and_crop(wh: tuple[int, int]) -> None:
+    """For photo shapes the explicit passes are exactly what Pillow's one-shot resize (torchvision's Resize) gives."""
+    im = draw_example(2, 5, size=256).resize(wh, R.BICUBIC)
+    tv = T.Compose([T.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(224), T.PILToTensor()])
+    np.testing.assert_array_equal(images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC), tv(im).permute(1, 2, 0).numpy())
+
+
+def test_eval_transform_normalizes_like_torchvision() -> None:
+    dc = {"input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "interpolation": "bicubic"}
+    im = draw_example(1, 2, size=200)
+    a = images.resize_center_crop(im, short=73, size=64, resample=R.BICUBIC)
+    ref = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=dc["mean"], std=dc["std"])])(Image.fromarray(a))
+    got = eval_transform(dc)(im)
+    assert got.shape == (3, 64, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_busy_pool_worker_does_not_stall_the_caller() -> None:
+    """When the helper thread is busy with someone else's work, the caller does both halves itself."""
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as busy:
+        blocker = busy.submit(release.wait, 10)
+        im = draw_example(0, 1, size=300).resize((500, 375))
+        got = images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC, pool=busy)
+        assert not blocker.done()  # the worker never ran a half
+        release.set()
+    np.testing.assert_array_equal(got, _two_pass_reference(im, 256, 224, R.BICUBIC))
+
+
+def _jpeg_with_orientation(im: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (60, 40)), (3, (60, 40)), (6, (40, 60)), (8, (40, 60))])
+def test_upright_rgb_applies_exif_orientation(tmp_path: Path, orientation: int, size: tuple[int, int]) -> None:
+    src = Image.new("RGB", (60, 40), (0, 0, 255))
+    src.paste((255, 0, 0), (0, 0, 20, 20))  # a red corner shows which way is up
+    path = tmp_path / "o.jpg"
+    path.write_bytes(_jpeg_with_orientation(src, orientation))
+    im = images.upright_rgb(Image.open(path))
+    assert im.size == size and im.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(im), np.asarray(open_image(path)))
+    np.testing.assert_array_equal(np.asarray(im), np.asarray(images.upright_rgb(Image.open(io.BytesIO(path.read_bytes())))))
+
+
+def test_upright_rgb_composites_transparency_on_white_and_leaves_plain_rgb_alone() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert images.upright_rgb(rgba).getpixel((3, 3)) == (255, 255, 255)
+    plain = Image.new("RGB", (8, 8), (1, 2, 3))
+    assert images.upright_rgb(plain) is plain  # no copy
