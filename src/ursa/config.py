@@ -68,7 +68,7 @@ class CollectConfig:
     timeout: float = 10.0  # seconds to connect, and seconds allowed between two reads of a response
     total_timeout: float = 30.0  # seconds allowed for a whole response, so a slow drip cannot hold a slot
     retries: int = 2  # extra tries after a transient failure (connection reset, 429, 5xx); read timeouts are not retried
-    backoff: float = 0.5  # seconds before the first retry, doubled for each further retry (or the server's Retry-After, up to 30 s)
+    backoff: float = 0.25  # seconds before the first retry, doubled for each further retry (or the server's Retry-After, up to 30 s)
     max_redirects: int = 5  # redirects followed per URL before it fails
     max_bytes: int = 20 * 2**20  # largest response body kept, in bytes (20 MiB)
     max_pixels: int = 89_478_485  # largest width x height accepted (Pillow's decompression-bomb limit)

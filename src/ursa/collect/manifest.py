@@ -88,8 +88,12 @@ class Manifest:
 
     def save(self) -> Path:
         """Write every row to `<root>/.ursa/manifest.csv` atomically."""
+        return atomic_write_text(self.path, self.to_csv())
+
+    def to_csv(self) -> str:
+        """The manifest file's text: a header and every row."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows.values())
-        return atomic_write_text(self.path, buf.getvalue())
+        return buf.getvalue()
