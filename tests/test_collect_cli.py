@@ -90,6 +90,7 @@ def test_quoted_glob_is_expanded(lists: FaultServer, capsys: pytest.CaptureFixtu
         (["download", "--lists", "urls_teddys.txt", "--dest", "afile"], "is a file"),
         (["download", "urls_teddys.txt", "--dest", "data/a", "--max", "0"], "--max must be at least 1"),
         (["download", "urls_teddys.txt", "--dest", "data/a", "--timeout", "0"], "--timeout must be a positive number"),
+        (["download", "urls_teddys.txt", "--dest", "data/a", "--processes", "0"], "--processes must be at least 1"),
         (["verify", "nowhere"], "'nowhere' does not exist"),
         (["search", "bear", "--dest", "data/a", "--provider", "altavista"], "Unknown search provider"),
     ],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -15,6 +17,7 @@ import httpx
 import pytest
 
 from test_collect_server import FaultServer, bomb_png, make_jpeg, make_png, server  # noqa: F401 - fixture
+import ursa.collect.download as dl
 from ursa.collect.download import Job, NotAnImage, download, jobs_from_list, sniff_image, split_dest
 from ursa.collect.manifest import Manifest, manifest_path
 from ursa.collect.urls import parse_url_text
@@ -49,12 +52,15 @@ FAILURES = [
 ]
 
 
-def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "helper-process"])
+def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path, processes: int) -> None:
+    """Also through a helper process: its failures come back with the same reasons, retried the same way."""
     server.hang_s = 1.5
     good = [server.url(f"img/{i}.jpg") for i in range(3)]
     bad = {server.url(path): reason for path, reason in FAILURES}
     jobs = [Job(u, "teddy") for u in [*bad, *good]]
-    report = download(jobs, tmp_path, config=FAST)
+    report = download(jobs, tmp_path, config=dataclasses.replace(FAST, processes=processes))
+    assert report.processes == processes
     got = rows(tmp_path)
     assert set(got) == {*bad, *good}
     for url, reason in bad.items():
@@ -150,16 +156,19 @@ def test_resume_after_ctrl_c_neither_duplicates_nor_loses(server: FaultServer, t
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "helper-process"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
-def test_resume_after_a_signal(server: FaultServer, tmp_path: Path, sig: signal.Signals) -> None:
+def test_resume_after_a_signal(server: FaultServer, tmp_path: Path, sig: signal.Signals, processes: str) -> None:
     """Ctrl-C saves the manifest and exits 130; a killed process may have stored files its manifest never
-    recorded, which a re-run adopts. Either way the re-run completes with no copies and no partial files."""
+    recorded, which a re-run adopts. Either way the re-run completes with no copies and no partial files,
+    and no helper process outlives the run."""
     server.delay = 0.05
     urls = [server.url(f"img/{i}") for i in range(60)]
     lst = tmp_path / "urls_a.txt"
     lst.write_text("\n".join(urls))
     root = tmp_path / "data"
-    cmd = [sys.executable, "-c", "from ursa.cli import main; main()", "download", str(lst), "--dest", str(root / "a"), "--concurrency", "2"]
+    cmd = [sys.executable, "-c", "from ursa.cli import main; main()", "download", str(lst), "--dest", str(root / "a"), "--concurrency", "2",
+           "--processes", processes]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -170,6 +179,7 @@ def test_resume_after_a_signal(server: FaultServer, tmp_path: Path, sig: signal.
         code = proc.wait(timeout=30)
     stored = len(list((root / "a").glob("0*")))
     assert stored >= 6, "the download never got going"
+    assert _wait_for_no_helpers(), "a fetch helper outlived its parent"
     if sig == signal.SIGINT:
         assert code == 130
         assert sum(r["status"] == "ok" for r in rows(root).values()) == stored  # saved on the way out
@@ -181,6 +191,60 @@ def test_resume_after_a_signal(server: FaultServer, tmp_path: Path, sig: signal.
     files = [p for p in (root / "a").iterdir()]
     assert len(files) == 60 and not [p for p in files if p.name.startswith(".")]
     assert sorted(got[u]["file"] for u in urls) == sorted(f"a/{p.name}" for p in files)
+
+
+def _helpers() -> list[str]:
+    """Command lines of running fetch helpers (Linux /proc; empty elsewhere)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            cmd = (d / "cmdline").read_bytes()
+            if b"_fetch_helper" in cmd:
+                out.append(cmd.decode(errors="replace"))
+    return out
+
+
+def _wait_for_no_helpers(timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _helpers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _helpers()
+
+
+def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killing the fetch helper fails its in-flight URLs as transient; they are retried here and the run completes."""
+    server.delay = 0.05
+    started: list[dl._FetchProcesses] = []
+
+    class Recording(dl._FetchProcesses):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    monkeypatch.setattr(dl, "_FetchProcesses", Recording)
+    # hosts are dealt helper, helper, here: 127.0.0.1 and localhost are two origins, both on the helper
+    urls = [server.url(f"img/{i}") for i in range(60)] + [server.url(f"img/{i}").replace("127.0.0.1", "localhost") for i in range(60, 120)]
+    killed = []
+
+    def kill_once(progress: object) -> None:
+        if progress.ok >= 10 and not killed and started and started[0].ready[0]:  # type: ignore[attr-defined]
+            started[0].procs[0].kill()
+            killed.append(progress.ok)  # type: ignore[attr-defined]
+
+    report = download([Job(u, "a") for u in urls], tmp_path, config=CollectConfig(concurrency=8, processes=2), on_progress=kill_once)
+    assert killed, "the helper never started"
+    got = rows(tmp_path)
+    assert all(got[u]["status"] == "ok" for u in urls), {u: got[u]["reason"] for u in urls if got[u]["status"] != "ok"}
+    assert report.progress.ok == 120 and len(images(tmp_path / "a")) == 120
+
+
+def test_processes_by_cpu_count_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert dl._processes(CollectConfig(), 100) == 1  # too few URLs to pay for starting a process
+    assert dl._processes(CollectConfig(), 2000) == 2
+    assert dl._processes(CollectConfig(processes=3), 10) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dl._processes(CollectConfig(), 2000) == 1
 
 
 def test_a_users_own_file_with_the_same_bytes_is_adopted(server: FaultServer, tmp_path: Path) -> None:
@@ -286,3 +350,14 @@ def test_class_names_must_be_plain_folder_names(tmp_path: Path, cls: str) -> Non
     with pytest.raises(CollectError, match="not a plain folder name"):
         download([Job("http://127.0.0.1:9/x", cls)], tmp_path / "root")
     assert not (tmp_path / "escape").exists()
+
+
+def test_manifest_saver_never_replaces_a_newer_save_with_an_older_one(tmp_path: Path) -> None:
+    manifest = Manifest.load(tmp_path)
+    saver = dl._ManifestSaver(tmp_path, manifest)
+    manifest.put({"class": "a", "url": "http://x/1", "status": "ok"})
+    older = saver.take()
+    manifest.put({"class": "a", "url": "http://x/2", "status": "ok"})
+    saver.save()  # the newer one lands first
+    saver.write(*older)  # a slow snapshot thread finishing late
+    assert {url for _, url in Manifest.load(tmp_path).rows} == {"http://x/1", "http://x/2"}

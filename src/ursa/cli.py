@@ -265,19 +265,21 @@ if TYPE_CHECKING:
 
 
 def _collect_config(*, max_images: int | None = None, concurrency: int | None = None, per_host: int | None = None,
-                    timeout: float | None = None, max_mb: float | None = None, retry_failed: bool = False) -> CollectConfig:  # fmt: skip
+                    timeout: float | None = None, max_mb: float | None = None, retry_failed: bool = False,
+                    processes: int | None = None) -> CollectConfig:  # fmt: skip
     """A CollectConfig from the options the user gave (None: keep the default), checked for sense."""
     from ursa.config import CollectConfig
     from ursa.errors import CollectError
 
-    for flag, value in (("--max", max_images), ("--concurrency", concurrency), ("--per-host", per_host)):
+    for flag, value in (("--max", max_images), ("--concurrency", concurrency), ("--per-host", per_host), ("--processes", processes)):
         if value is not None and value < 1:
             raise CollectError(f"{flag} must be at least 1 (got {value}).")
     for flag, number in (("--timeout", timeout), ("--max-mb", max_mb)):
         if number is not None and number <= 0:
             raise CollectError(f"{flag} must be a positive number (got {number}).")
     given = {"max_images": max_images, "concurrency": concurrency, "per_host": per_host, "timeout": timeout,
-             "max_bytes": None if max_mb is None else int(max_mb * 2**20), "retry_failed": retry_failed}  # fmt: skip
+             "max_bytes": None if max_mb is None else int(max_mb * 2**20), "retry_failed": retry_failed,
+             "processes": processes}  # fmt: skip
     return CollectConfig(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
 
 
@@ -317,7 +319,8 @@ def _print_download_report(report: DownloadReport) -> None:
     if report.reasons:
         why = ", ".join(f"{kind} {n}" for kind, n in report.reasons.most_common())
         console.print(escape(f"failures: {why} (details in the manifest; retry with --retry-failed)"), highlight=False)
-    console.print(f"manifest: {report.manifest}  ({report.progress.done} URLs, {report.seconds:.1f} s)", highlight=False)
+    how = f", {report.processes} fetch processes" if report.processes > 1 else ""
+    console.print(f"manifest: {report.manifest}  ({report.progress.done} URLs, {report.seconds:.1f} s{how})", highlight=False)
 
 
 @app.command("download")
@@ -332,6 +335,7 @@ def download_cmd(
     timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for a connection or for data [default: 10].")] = None,
     max_mb: Annotated[Optional[float], typer.Option("--max-mb", help="Largest file kept, in MiB [default: 20].")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: only the URLs of shard i of N (0-based, by a hash of the URL); each shard resumes on its own.")] = None,
+    processes: Annotated[Optional[int], typer.Option(help="Processes doing the HTTP work; 1 keeps it in this one [default: up to 4 by CPU count, for 400+ URLs].")] = None,
 ) -> None:
     """Download the images of URL lists into class folders, with a manifest row for every URL.
 
@@ -341,7 +345,7 @@ def download_cmd(
     from ursa.collect.urls import class_name_for_list, expand_list_paths, read_url_list
 
     cfg = _collect_config(max_images=max_images, concurrency=concurrency, per_host=per_host, timeout=timeout,
-                          max_mb=max_mb, retry_failed=retry_failed)  # fmt: skip
+                          max_mb=max_mb, retry_failed=retry_failed, processes=processes)  # fmt: skip
     paths = expand_list_paths(lists)
     if per_list:
         root, classes = dest, [class_name_for_list(p) for p in paths]

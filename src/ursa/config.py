@@ -74,6 +74,7 @@ class CollectConfig:
     max_pixels: int = 89_478_485  # largest width x height accepted (Pillow's decompression-bomb limit)
     user_agent: str = _BROWSER_UA  # User-Agent header sent with every request
     retry_failed: bool = False  # also try again the URLs an earlier run recorded as failed
+    processes: int | None = None  # processes doing the HTTP work, this one included (None: up to 4 by CPU count, for 400+ URLs; 1: this one only)
 
 
 @dataclass(frozen=True)

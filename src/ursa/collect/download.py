@@ -23,17 +23,20 @@ import contextlib
 import functools
 import hashlib
 import io
+import multiprocessing.connection
 import os
 import random
 import re
 import select
+import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,6 +116,7 @@ class DownloadReport:
     per_class: dict[str, Counter[str]] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    processes: int = 1  # processes that did the HTTP work, this one included (see CollectConfig.processes)
 
 
 class NotAnImage(Exception):
@@ -294,6 +298,7 @@ class _Downloader:
         self.last_save = time.monotonic()
         self.saver = _ManifestSaver(root, manifest)
         self.snapshot: asyncio.Future[None] | None = None
+        self.helpers: _FetchProcesses | None = None
         self.cond = asyncio.Condition()  # binds to the running loop on first use
 
     # -- bookkeeping, all on the event loop thread --------------------------------------------------
@@ -362,13 +367,24 @@ class _Downloader:
         self._notify()
         pending = sum(len(q) for q in self.queues.values())
         client = _Fetcher(cfg, transport or _HostRouter(per_host=cfg.per_host))
-        workers = [asyncio.create_task(self._worker(client)) for _ in range(min(cfg.concurrency, pending))]
+        n_proc = self.report.processes = _processes(cfg, pending) if transport is None else 1
+        fetcher = None
+        if n_proc > 1:
+            try:
+                fetcher = _FetchProcesses(cfg, n_proc - 1, local=client)
+            except OSError:  # cannot start processes here: do it all in this one
+                self.report.processes = 1
+        fetch = fetcher.fetch if fetcher is not None else functools.partial(_fetch_once, client, cfg=cfg)
+        workers = [asyncio.create_task(self._worker(fetch)) for _ in range(min(cfg.concurrency, pending))]
         try:
             await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if fetcher is not None:
+                fetcher.close()  # they exit while the rest winds down; download() joins them
+                self.helpers = fetcher
             await client.transport.aclose()
             if self.snapshot is not None:
                 await asyncio.gather(self.snapshot, return_exceptions=True)  # a snapshot only; the final save reports problems
@@ -377,7 +393,7 @@ class _Downloader:
                 exc = w.exception()
                 raise exc.__cause__ if isinstance(exc, _Stop) and exc.__cause__ is not None else exc  # type: ignore[misc]
 
-    async def _worker(self, client: _Fetcher) -> None:
+    async def _worker(self, fetch: Callable[[str], Awaitable[tuple[int, bytes, str]]]) -> None:
         while True:
             async with self.cond:
                 job = self._take()
@@ -388,7 +404,7 @@ class _Downloader:
                 return
             store = self.stores[job.cls]
             try:
-                await self._one(client, job, store)
+                await self._one(fetch, job, store)
             finally:
                 store.inflight -= 1
                 async with self.cond:
@@ -400,15 +416,14 @@ class _Downloader:
                 # exception it stops the run in order, and run() re-raises the original.
                 raise _Stop() from exc
 
-    async def _one(self, client: _Fetcher, job: Job, store: _ClassStore) -> None:
+    async def _one(self, fetch: Callable[[str], Awaitable[tuple[int, bytes, str]]], job: Job, store: _ClassStore) -> None:
         host = self.hosts.setdefault(_origin(job.url), asyncio.Semaphore(self.cfg.per_host))
         attempts, status = 0, None
         while True:
             attempts += 1
             try:
                 async with host:
-                    status, body = await self._get(client, job.url)
-                ext, _, _ = _sniff(body, self.cfg.max_pixels)
+                    status, body, ext = await fetch(job.url)
                 break
             except _Fail as fail:
                 status = fail.status or status
@@ -419,28 +434,6 @@ class _Downloader:
                 self._fail(job, fail.reason, attempts=attempts, status=status)
                 return
         await self._store(job, store, body, ext, attempts=attempts, status=status)
-
-    async def _get(self, client: _Fetcher, url: str) -> tuple[int, bytes]:
-        cfg = self.cfg
-        try:
-            if sys.version_info >= (3, 11):  # a deadline on this task; wait_for would start a task per request
-                async with asyncio.timeout(cfg.total_timeout):
-                    return await client.get(url)
-            return await asyncio.wait_for(client.get(url), cfg.total_timeout)
-        except asyncio.TimeoutError as exc:
-            raise _Fail(f"timeout: the response took longer than {cfg.total_timeout:g} s") from exc
-        except httpx.ConnectTimeout as exc:
-            raise _Fail(f"timeout: could not connect within {cfg.timeout:g} s", transient=True) from exc
-        except httpx.TimeoutException as exc:
-            raise _Fail(f"timeout: no data for {cfg.timeout:g} s") from exc
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise _Fail(f"bad url: {exc}") from exc
-        except httpx.RemoteProtocolError as exc:
-            raise _Fail(f"connection: closed before the whole response arrived ({exc})", transient=True) from exc
-        except httpx.ConnectError as exc:
-            raise _Fail(f"connection: cannot connect ({exc})", transient=True) from exc
-        except httpx.TransportError as exc:
-            raise _Fail(f"connection: {exc or type(exc).__name__}", transient=True) from exc
 
     async def _store(self, job: Job, store: _ClassStore, body: bytes, ext: str, *, attempts: int, status: int) -> None:
         sha = hashlib.sha256(body).hexdigest()
@@ -490,6 +483,219 @@ class _Downloader:
         self._row(job, status="failed", reason=reason, attempts=attempts, http_status=status)
         self._count(job.cls, "failed")
         self.report.reasons[reason.split(":", 1)[0]] += 1
+
+
+async def _fetch_once(client: _Fetcher, url: str, *, cfg: CollectConfig) -> tuple[int, bytes, str]:
+    """(status, body, extension) of one GET, within `cfg.total_timeout`; every failure is a `_Fail`."""
+    try:
+        if sys.version_info >= (3, 11):  # a deadline on this task; wait_for would start a task per request
+            async with asyncio.timeout(cfg.total_timeout):
+                status, body = await client.get(url)
+        else:
+            status, body = await asyncio.wait_for(client.get(url), cfg.total_timeout)
+    except asyncio.TimeoutError as exc:
+        raise _Fail(f"timeout: the response took longer than {cfg.total_timeout:g} s") from exc
+    except httpx.ConnectTimeout as exc:
+        raise _Fail(f"timeout: could not connect within {cfg.timeout:g} s", transient=True) from exc
+    except httpx.TimeoutException as exc:
+        raise _Fail(f"timeout: no data for {cfg.timeout:g} s") from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise _Fail(f"bad url: {exc}") from exc
+    except httpx.RemoteProtocolError as exc:
+        raise _Fail(f"connection: closed before the whole response arrived ({exc})", transient=True) from exc
+    except httpx.ConnectError as exc:
+        raise _Fail(f"connection: cannot connect ({exc})", transient=True) from exc
+    except httpx.TransportError as exc:
+        raise _Fail(f"connection: {exc or type(exc).__name__}", transient=True) from exc
+    return status, body, _sniff(body, cfg.max_pixels)[0]
+
+
+_MIN_URLS_PER_PROCESS = 200  # below this many URLs per extra process, starting it costs more than it saves
+
+
+def _processes(cfg: CollectConfig, pending: int) -> int:
+    """How many fetch processes a run of `pending` URLs gets: `cfg.processes`, or by CPU count and size."""
+    if sys.platform == "win32":  # the helpers' pipes need a selector event loop
+        return 1
+    if cfg.processes is not None:
+        return max(1, cfg.processes)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus, pending // _MIN_URLS_PER_PROCESS)) if cpus > 1 else 1
+
+
+class _FetchProcesses:
+    """The HTTP work of a run spread over helper processes; everything else stays in this one.
+
+    One event loop parses HTTP at ~2-3 ms of CPU per image here (httpcore, h11, asyncio), so a single
+    process tops out near one core. Each of the `n` helpers runs `_fetch_once` for the URLs sent to it
+    and returns (status, body, extension) or the failure; this process keeps the queue, the per-host
+    limits, the retries, the files and the manifest, so resuming and the manifest's guarantees do not
+    change. Hosts are dealt out in turn, two to each helper for one fetched here (this process also does
+    the bookkeeping), and keep their place, so their connections stay in one pool; until a helper has
+    started, its hosts are fetched here. A helper that dies fails its URLs as transient (retried here);
+    helpers exit when this process closes their pipe or dies, and ignore Ctrl-C (this process handles it).
+    """
+
+    def __init__(self, cfg: CollectConfig, n: int, *, local: _Fetcher) -> None:
+        self.cfg, self.local = cfg, local
+        self.loop = asyncio.get_running_loop()
+        self.conns: list[Any] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ready: list[bool] = []
+        self.waiting: dict[int, tuple[asyncio.Future[Any], int]] = {}
+        self.route: dict[str, int] = {}
+        self.deal = [i for i in range(n) for _ in range(2)] + [-1]  # -1: this process
+        self.next_id = 0
+        try:
+            for i in range(n):
+                self._start(i)
+        except BaseException:
+            self.close()
+            self.join()
+            raise
+
+    def _start(self, i: int) -> None:
+        """Start helper i: a fresh interpreter that imports only this module (not the caller's script, as
+        multiprocessing's spawn would), in its own session so a Ctrl-C in the terminal reaches only this
+        process; it talks over a socket pair and exits when this end closes."""
+        mine, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", "from ursa.collect.download import _fetch_helper; _fetch_helper()", str(theirs.fileno())],
+                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        conn = multiprocessing.connection.Connection(mine.detach())
+        conn.send(self.cfg)
+        self.conns.append(conn)
+        self.procs.append(proc)
+        self.ready.append(False)
+        self.loop.add_reader(conn.fileno(), self._receive, i)
+
+    async def fetch(self, url: str) -> tuple[int, bytes, str]:
+        i = self.route.setdefault(_origin(url), self.deal[len(self.route) % len(self.deal)])
+        if i < 0 or not self.ready[i]:
+            return await _fetch_once(self.local, url, cfg=self.cfg)
+        self.next_id += 1
+        fid, fut = self.next_id, self.loop.create_future()
+        self.waiting[fid] = (fut, i)
+        try:
+            self.conns[i].send((fid, url))
+            kind, value = await fut
+        except asyncio.CancelledError:
+            self.waiting.pop(fid, None)
+            with contextlib.suppress(OSError, ValueError):
+                self.conns[i].send((-fid, ""))  # stop that request there too
+            raise
+        except (OSError, ValueError) as exc:  # the helper's pipe is gone
+            self.waiting.pop(fid, None)
+            raise _Fail("connection: the fetch process stopped", transient=True) from exc
+        if kind == "ok":
+            return value  # type: ignore[no-any-return]
+        reason, transient, status, wait = value
+        raise _Fail(reason, transient=transient, status=status, wait=wait)
+
+    def _receive(self, i: int) -> None:
+        try:
+            fid, result = self.conns[i].recv()
+        except (EOFError, OSError):  # the helper died: its URLs are retried here
+            self._drop(i)
+            return
+        if fid == 0:
+            self.ready[i] = True
+            return
+        fut, _ = self.waiting.pop(fid, (None, i))
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    def _drop(self, i: int) -> None:
+        self.ready[i] = False
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.conns[i].fileno())
+        for fid, (fut, j) in list(self.waiting.items()):
+            if j == i:
+                del self.waiting[fid]
+                if not fut.done():
+                    fut.set_result(("failed", ("connection: the fetch process stopped", True, None, 0.0)))
+
+    def close(self) -> None:
+        """Tell the helpers to stop (they see the end of their pipe and exit); `join` waits for them."""
+        for i, conn in enumerate(self.conns):
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(conn.fileno())
+            conn.close()
+            self.ready[i] = False
+
+    def join(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _fetch_helper() -> None:
+    """Entry point of a `_FetchProcesses` helper: argv[1] is its socket; the first message is the config."""
+    conn = multiprocessing.connection.Connection(int(sys.argv[1]))
+    try:
+        cfg = conn.recv()
+    except EOFError:
+        return
+    asyncio.run(_serve_fetches(conn, cfg))
+
+
+async def _serve_fetches(conn: Any, cfg: CollectConfig) -> None:
+    loop = asyncio.get_running_loop()
+    client = _Fetcher(cfg, _HostRouter(per_host=cfg.per_host))
+    tasks: dict[int, asyncio.Task[None]] = {}
+    closed = loop.create_future()
+
+    def send(message: object) -> None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError):  # the parent is gone
+            if not closed.done():
+                closed.set_result(None)
+
+    async def one(fid: int, url: str) -> None:
+        try:
+            result: tuple[str, object] = ("ok", await _fetch_once(client, url, cfg=cfg))
+        except _Fail as fail:
+            result = ("failed", (fail.reason, fail.transient, fail.status, fail.wait))
+        except Exception as exc:  # noqa: BLE001 - a bug must fail one URL, not the helper
+            result = ("failed", (f"internal: {type(exc).__name__}: {exc}", False, None, None))
+        tasks.pop(fid, None)
+        send((fid, result))
+
+    def receive() -> None:
+        try:
+            fid, url = conn.recv()
+        except (EOFError, OSError):
+            if not closed.done():
+                closed.set_result(None)
+            return
+        if fid < 0:
+            task = tasks.pop(-fid, None)
+            if task is not None:
+                task.cancel()
+            return
+        tasks[fid] = loop.create_task(one(fid, url))
+
+    loop.add_reader(conn.fileno(), receive)
+    send((0, None))  # ready
+    try:
+        await closed
+    finally:
+        loop.remove_reader(conn.fileno())
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await client.transport.aclose()
 
 
 class _ManifestSaver:
@@ -766,12 +972,17 @@ def download(
     except BaseException:
         with contextlib.suppress(OSError):  # keep what was done (Ctrl-C included) so a re-run resumes
             run.saver.save()
+        if run.helpers is not None:
+            run.helpers.join()
         raise
-    run.report.seconds = time.perf_counter() - start
     try:
         run.saver.save()
     except OSError as exc:
         raise CollectError(f"Cannot write the manifest {str(manifest.path)!r}: {exc.strerror or exc}. Free disk space or fix permissions, then re-run to resume.") from exc
+    finally:
+        if run.helpers is not None:
+            run.helpers.join()
+    run.report.seconds = time.perf_counter() - start
     if on_progress is not None:
         on_progress(run.progress)
     return run.report
