@@ -23,16 +23,11 @@ from ursa.data.transforms import eval_transform, open_image
 R = Image.Resampling
 
 
-def _two_pass_reference(im: Image.Image, short: int, size: int, resample: R) -> np.ndarray:
-    """The definition: whole-image horizontal pass, then vertical pass, then torchvision's crop."""
-    w, h = im.size
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    if nw != w:
-        im = im.resize((nw, h), resample=resample)
-    if nh != h:
-        im = im.resize((nw, nh), resample=resample)
-    x = T.CenterCrop(size)(T.PILToTensor()(im))
-    return x.permute(1, 2, 0).numpy()
+def _torchvision_reference(im: Image.Image, short: int, size: int, resample: R) -> np.ndarray:
+    """torchvision's Resize(short) + CenterCrop(size) on a PIL image: Pillow resizes the whole image."""
+    interp = {R.BICUBIC: InterpolationMode.BICUBIC, R.BILINEAR: InterpolationMode.BILINEAR, R.NEAREST: InterpolationMode.NEAREST}[resample]
+    tf = T.Compose([T.Resize(short, interpolation=interp, antialias=True), T.CenterCrop(size), T.PILToTensor()])
+    return tf(im).permute(1, 2, 0).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +43,31 @@ def pool() -> ThreadPoolExecutor:
     size=st.sampled_from([16, 64, 224]),
     crop=st.sampled_from([0.875, 0.95, 1.0, 1.15]),
     interp=st.sampled_from(["bicubic", "bilinear", "nearest"]),
+    seed=st.integers(0, 8),
 )
-def test_resize_center_crop_is_the_two_pass_resize_with_and_without_threads(w: int, h: int, size: int, crop: float, interp: str, pool: ThreadPoolExecutor) -> None:
-    rng = np.random.default_rng(w * 1000 + h)
-    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+def test_resize_center_crop_matches_torchvision_and_is_the_same_on_two_threads(w: int, h: int, size: int, crop: float, interp: str, seed: int, pool: ThreadPoolExecutor) -> None:
+    """Same geometry as torchvision (a shifted or scaled crop would differ by tens of levels at the edges);
+    only Pillow's float32 box moves a few values by a level or two (nearest: picks a neighbour for a few
+    pixels). One thread or two give identical bytes, so training and serving agree exactly."""
+    im = draw_example(seed % 3, seed, size=256).resize((w, h), R.BICUBIC)
     side, short, resample = images.eval_geometry({"input_size": [3, size, size], "crop_pct": crop, "interpolation": interp})
-    ref = _two_pass_reference(im, short, side, resample)
     one = images.resize_center_crop(im, short=short, size=side, resample=resample)
     two = images.resize_center_crop(im, short=short, size=side, resample=resample, pool=pool)
     assert one.shape == (side, side, 3) and one.dtype == np.uint8
-    np.testing.assert_array_equal(one, ref)
-    np.testing.assert_array_equal(two, ref)
+    np.testing.assert_array_equal(one, two)
+    diff = np.abs(one.astype(int) - _torchvision_reference(im, short, side, resample))
+    if resample == R.NEAREST:  # a neighbour instead, for pixels whose source position rounds the other way
+        assert (diff > 0).mean() < 0.2
+    else:
+        assert diff.max() <= 2 and diff.mean() < 0.25, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("wh", [(500, 375), (375, 500), (640, 480), (1024, 683), (300, 300), (224, 224), (4032, 3024)])
-def test_photo_shapes_match_torchvision_resize_and_crop(wh: tuple[int, int]) -> None:
-    """For photo shapes the explicit passes are exactly what Pillow's one-shot resize (torchvision's Resize) gives."""
+def test_photo_shapes_are_within_two_levels_of_torchvision_resize_and_crop(wh: tuple[int, int]) -> None:
+    """What a pretrained backbone was evaluated with, to within two levels (one, in most values that differ)."""
     im = draw_example(2, 5, size=256).resize(wh, R.BICUBIC)
-    tv = T.Compose([T.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(224), T.PILToTensor()])
-    np.testing.assert_array_equal(images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC), tv(im).permute(1, 2, 0).numpy())
+    diff = np.abs(images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC).astype(int) - _torchvision_reference(im, 256, 224, R.BICUBIC))
+    assert diff.max() <= 2 and diff.mean() < 0.3
 
 
 def test_eval_transform_normalizes_like_torchvision() -> None:
@@ -82,13 +83,13 @@ def test_eval_transform_normalizes_like_torchvision() -> None:
 def test_a_busy_pool_worker_does_not_stall_the_caller() -> None:
     """When the helper thread is busy with someone else's work, the caller does both halves itself."""
     release = threading.Event()
+    im = draw_example(0, 1, size=300).resize((500, 375))
     with ThreadPoolExecutor(1) as busy:
         blocker = busy.submit(release.wait, 10)
-        im = draw_example(0, 1, size=300).resize((500, 375))
         got = images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC, pool=busy)
         assert not blocker.done()  # the worker never ran a half
         release.set()
-    np.testing.assert_array_equal(got, _two_pass_reference(im, 256, 224, R.BICUBIC))
+    np.testing.assert_array_equal(got, images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC))
 
 
 def _jpeg_with_orientation(im: Image.Image, orientation: int) -> bytes:

@@ -178,7 +178,9 @@ def test_open_set_threshold_is_calibrated_on_validation(built: Built) -> None:
     correct_top = probs.max(1)[probs.argmax(1) == y]
     expected = float(np.quantile(correct_top, 0.05, method="lower"))
     assert m.threshold == pytest.approx(expected, abs=1e-6)
-    assert m.meta["open_set"]["valid_accepted"] == pytest.approx(float((probs.max(1) >= m.threshold).mean()), abs=1e-4)
+    # export scores validation in batches, this one image at a time: the float noise between the two (~1e-7)
+    # must not decide whether the image the threshold was taken from passes it
+    assert m.meta["open_set"]["valid_accepted"] == pytest.approx(float((probs.max(1) >= m.threshold - 1e-5).mean()), abs=1e-4)
 
 
 def test_open_set_answers_none_of_these_when_unsure(built: Built) -> None:

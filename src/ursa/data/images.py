@@ -2,13 +2,8 @@
 
 Training (`ursa.data.transforms`) and the exported predictor (`ursa.export`) both call these, so a photo
 gives the same input tensor in both, by construction, and serving needs neither torch nor torchvision.
-
-The evaluation resize is Pillow's antialiased filter applied as two explicit single-axis passes,
-horizontal then vertical, rounding to uint8 in between: what `Image.resize` does for almost every
-photo (recent Pillow releases may run the vertical pass first for some shapes, which moves a few pixel
-values by a little; doing the passes ourselves keeps the result one thing for every Pillow version).
-Done this way, only the rows the crop needs go through the first pass and only the crop's columns
-through the second, and each pass splits into halves that can run on two cores at once.
+The evaluation resize samples only the crop's region of the photo, in two halves that can run on two
+cores at once (see `resize_center_crop`).
 """
 
 from __future__ import annotations
@@ -23,8 +18,6 @@ from PIL import Image, ImageOps
 __all__ = ["RESAMPLE", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "resize_center_crop", "normalize_into"]
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
-# Pillow's filter support in source pixels at scale 1 (libImaging/Resample.c); nearest reads one pixel.
-_SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0, Image.Resampling.NEAREST: 0.5}
 # Where Pillow's `getexif` looks for an orientation: EXIF blocks, TIFF tags and XMP packets.
 _ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
@@ -71,10 +64,13 @@ def eval_geometry(data_config: dict[str, Any], *, size: int | None = None) -> tu
 def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Image.Resampling, pool: Executor | None = None) -> np.ndarray:
     """Resize an RGB image so its short side is `short` px, center-crop `size` x `size`: -> (S, S, 3) uint8.
 
-    torchvision's `Resize(short)` + `CenterCrop(size)` geometry: the long side becomes int(short * long /
-    short_in), the crop offset is round((n - S) / 2), and a crop larger than the image is padded with
-    zeros, centred. With `pool` (an executor with a free worker) each pass runs as two halves at once
-    (Pillow releases the GIL while resampling).
+    torchvision's `Resize(short)` + `CenterCrop(size)` geometry (the long side becomes int(short * long /
+    short_in), the crop offset round((n - S) / 2); a crop larger than the image is padded with zeros,
+    centred), computed by resampling only the crop's region of the source (Pillow's `box`), in two
+    halves of rows. Pillow takes the box in float32, so a few values in 100,000 differ by one level
+    from resizing the whole image and cropping; training and serving both call this function, so they
+    agree exactly. With `pool` (an executor with a free worker) the halves run at once (Pillow releases
+    the GIL while resampling); the result is the same either way.
     """
     w, h = im.size
     if w <= h:
@@ -82,65 +78,34 @@ def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Imag
     else:
         nw, nh = int(short * w / h), short
     if nw < size or nh < size:  # crop_pct > 1: resize whole, pad like torchvision
-        im = _two_pass(im, nw, nh, resample)
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), resample=resample)
         canvas = Image.new("RGB", (max(nw, size), max(nh, size)))
         canvas.paste(im, ((max(nw, size) - nw) // 2, (max(nh, size) - nh) // 2))
         im, (nw, nh) = canvas, canvas.size
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         return np.asarray(im.crop((left, top, left + size, top + size)))
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    mid = _horizontal_pass(im, nw, nh, top, size, resample, pool)
+    sx, sy = w / nw, h / nh
     out = np.empty((size, size, 3), np.uint8)
 
-    def columns(c0: int, c1: int) -> None:  # second pass for crop columns [c0, c1)
-        strip = mid.crop((left + c0, 0, left + c1, h))
-        if nh != h:
-            strip = strip.resize((c1 - c0, nh), resample=resample)
-        out[:, c0:c1] = np.asarray(strip)[top : top + size]
+    def rows(a: int, b: int) -> None:  # output rows [a, b) of the crop
+        if b <= a:
+            return
+        box = (left * sx, (top + a) * sy, (left + size) * sx, (top + b) * sy)
+        out[a:b] = np.asarray(im.resize((size, b - a), resample=resample, box=box))
 
-    _in_halves(columns, size, pool)
+    _in_halves(rows, size, pool)
     return out
 
 
-def _two_pass(im: Image.Image, nw: int, nh: int, resample: Image.Resampling) -> Image.Image:
-    w, h = im.size
-    if nw != w:
-        im = im.resize((nw, h), resample=resample)
-    if nh != h:
-        im = im.resize((nw, nh), resample=resample)
-    return im
-
-
-def _horizontal_pass(im: Image.Image, nw: int, nh: int, top: int, size: int, resample: Image.Resampling, pool: Executor | None) -> Image.Image:
-    """First pass (width w -> nw) of the rows the second pass reads for its output rows [top, top + size).
-
-    The result keeps the full height h, so the second pass sees the same coordinates as for the whole
-    image; the rows it does not read stay black.
-    """
-    w, h = im.size
-    if nw == w:
-        return im
-    scale = h / nh
-    support = _SUPPORT[resample] * max(scale, 1.0)
-    # Pillow's window for output row y is [int(c - support + 0.5), int(c + support + 0.5)) with
-    # c = (y + 0.5) * scale; two rows of margin on each side cover float rounding.
-    r0 = max(0, int((top + 0.5) * scale - support + 0.5) - 2)
-    r1 = min(h, int((top + size - 0.5) * scale + support + 0.5) + 2)
-    mid = Image.new("RGB", (nw, h))
-
-    def rows(a: int, b: int) -> None:
-        mid.paste(im.crop((0, r0 + a, w, r0 + b)).resize((nw, b - a), resample=resample), (0, r0 + a))
-
-    _in_halves(rows, r1 - r0, pool)
-    return mid
-
-
 def _in_halves(fn: Callable[[int, int], None], n: int, pool: Executor | None) -> None:
-    """fn(0, n); or, with a pool, fn(0, n/2) on its worker and fn(n/2, n) here at the same time."""
-    if pool is None or n < 32:
-        fn(0, n)
-        return
+    """fn(0, n/2) and fn(n/2, n): with a pool, the first on its worker while the second runs here."""
     m = n // 2
+    if pool is None:
+        fn(0, m)
+        fn(m, n)
+        return
     first = pool.submit(fn, 0, m)
     fn(m, n)
     if first.cancel():  # the worker is busy with another caller's half: do this one here rather than wait
