@@ -8,6 +8,11 @@ Resuming: URLs that already have a row are not fetched again (failed ones are wi
 written by a run that was killed before it saved its manifest are found by their sha256 and adopted by the
 URL that fetched them, so a re-run neither duplicates a file nor loses one.
 
+Speed: for large lists the HTTP work is shared with helper processes (`_FetchProcesses`, one per CPU
+beyond the first), since parsing HTTP in Python takes a few milliseconds of CPU per image; images are
+written without an fsync each and made durable together just before the manifest that names them is
+saved (`_ManifestSaver`).
+
 Politeness and safety: at most `concurrency` requests in flight, `per_host` per host; a browser-like
 User-Agent; connect and read timeouts plus a deadline for the whole response (slow drips); transient
 failures (connection resets, 429, 5xx) retried with exponential backoff; redirects followed up to a limit;
