@@ -361,3 +361,16 @@ def test_manifest_saver_never_replaces_a_newer_save_with_an_older_one(tmp_path: 
     saver.save()  # the newer one lands first
     saver.write(*older)  # a slow snapshot thread finishing late
     assert {url for _, url in Manifest.load(tmp_path).rows} == {"http://x/1", "http://x/2"}
+
+
+def test_a_second_download_into_the_same_folder_at_once_is_refused(server: FaultServer, tmp_path: Path) -> None:
+    """Two runs at once would number files alike and overwrite each other's manifest."""
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / ".ursa").mkdir()
+    with open(tmp_path / ".ursa" / "download.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # as another download running now
+        with pytest.raises(CollectError, match="Another download is writing into"):
+            download([Job(server.url("img/1"), "a")], tmp_path)
+    assert not (tmp_path / "a").exists()
+    download([Job(server.url("img/1"), "a")], tmp_path)  # once it is done, this one runs
+    assert rows(tmp_path)[server.url("img/1")]["status"] == "ok"

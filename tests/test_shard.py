@@ -87,6 +87,6 @@ def test_two_shards_at_once_in_one_folder_are_refused(url_list: list[str], capsy
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # as another shard running now
         code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
-    assert code == 2 and "need their own --dest" in err
+    assert code == 2 and "need their own --dest each" in err
     code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
     assert code == 0, err

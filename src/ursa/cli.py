@@ -359,8 +359,7 @@ def download_cmd(
         jobs.extend(jobs_from_list(url_list, cls))
     if shard is not None:
         mine = _shard_jobs(jobs, shard)
-        with _shard_lock(root):
-            _print_download_report(_run_download(mine, root, cfg))
+        _print_download_report(_run_download(mine, root, cfg))
         return
     _print_download_report(_run_download(jobs, root, cfg))
 
@@ -995,33 +994,3 @@ def _shard_jobs(jobs: list, shard: str) -> list:  # noqa: ANN001
     mine = select_shard(jobs, i, n)
     err_console.print(f"shard {i}/{n}: {len(mine)} of {len(jobs)} URLs", highlight=False)
     return mine
-
-
-class _shard_lock:
-    """An exclusive lock on <root>/.ursa/download.lock: shards running at the same time in one folder would
-    overwrite each other's manifest, so the second one stops with the fix instead."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / ".ursa" / "download.lock"
-        self.fh = None
-
-    def __enter__(self) -> "_shard_lock":
-        from ursa.errors import CollectError
-
-        try:
-            import fcntl
-        except ImportError:  # not on Windows: no lock, shards must not share a folder at the same time
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            self.fh = None
-            raise CollectError(f"another download is writing into {self.path.parent.parent} (lock {self.path}). Shards that run at the same time need their own --dest each; or wait for it to finish.") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing releases the lock

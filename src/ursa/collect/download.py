@@ -967,6 +967,12 @@ def download(
         (root / META_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CollectError(f"Cannot create {str(root / META_DIR)!r}: {exc.strerror or exc}. Choose a --dest folder you can write to.") from exc
+    with _folder_lock(root):
+        return _download(jobs, root, config, on_progress, transport)
+
+
+def _download(jobs: Iterable[Job], root: Path, config: CollectConfig, on_progress: Callable[[Progress], None] | None,
+              transport: httpx.AsyncBaseTransport | None) -> DownloadReport:  # fmt: skip
     manifest = Manifest.load(root)
     run = _Downloader(root, manifest, config, on_progress)
     start = time.perf_counter()
@@ -991,6 +997,28 @@ def download(
     if on_progress is not None:
         on_progress(run.progress)
     return run.report
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path) -> Iterator[None]:
+    """Hold `<root>/.ursa/download.lock` for a run: two downloads into one folder at once would number
+    files alike and overwrite each other's manifest, so the second stops with the fix instead. (No lock
+    on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = root / META_DIR / "download.lock"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CollectError(
+                f"Another download is writing into {str(root)!r} right now (it holds {str(path)!r}). Wait for it to "
+                "finish, or give this one its own --dest; shards that run at the same time need their own --dest each."
+            ) from None
+        yield  # closing the file releases the lock
 
 
 def jobs_from_search(results: Iterable[object], cls: str, *, query: str) -> list[Job]:
