@@ -117,3 +117,13 @@ def test_upright_rgb_composites_transparency_on_white_and_leaves_plain_rgb_alone
     assert images.upright_rgb(rgba).getpixel((3, 3)) == (255, 255, 255)
     plain = Image.new("RGB", (8, 8), (1, 2, 3))
     assert images.upright_rgb(plain) is plain  # no copy
+
+
+def test_eval_input_is_the_normalized_crop_on_one_thread_or_two(pool: ThreadPoolExecutor) -> None:
+    im = draw_example(1, 4, size=256).resize((500, 375), R.BICUBIC)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    crop = images.resize_center_crop(im, short=256, size=224, resample=R.BICUBIC)
+    want = images.normalize_into(np.empty((3, 224, 224), np.float32), crop, mean, std)
+    for p in (None, pool):
+        got = images.eval_input(im, short=256, size=224, resample=R.BICUBIC, mean=mean, std=std, pool=p)
+        np.testing.assert_array_equal(got, want)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ursa.data.images import draft_jpeg, eval_geometry, normalize_into, resize_center_crop, to_rgb, upright_rgb
+from ursa.data.images import draft_jpeg, eval_geometry, eval_input, to_rgb, upright_rgb
 from ursa.errors import ExportError
 
 __all__ = [
@@ -149,10 +149,7 @@ def preprocess(im: Image.Image, data_config: dict[str, Any], *, pool: Executor |
     resize uses two cores.
     """
     size, short, resample = eval_geometry(data_config)
-    a = resize_center_crop(im, short=short, size=size, resample=resample, pool=pool)
-    x = np.empty((1, 3, size, size), np.float32)
-    normalize_into(x[0], a, data_config["mean"], data_config["std"])
-    return x
+    return eval_input(im, short=short, size=size, resample=resample, mean=data_config["mean"], std=data_config["std"], pool=pool)[None]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

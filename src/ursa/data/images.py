@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["RESAMPLE", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "resize_center_crop", "normalize_into"]
+__all__ = ["RESAMPLE", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "resize_center_crop", "eval_input", "normalize_into"]
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 # Where Pillow's `getexif` looks for an orientation: EXIF blocks, TIFF tags and XMP packets.
@@ -72,6 +72,30 @@ def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Imag
     agree exactly. With `pool` (an executor with a free worker) the halves run at once (Pillow releases
     the GIL while resampling); the result is the same either way.
     """
+    out = np.empty((size, size, 3), np.uint8)
+
+    def keep(a: int, b: int, rows: np.ndarray) -> None:
+        out[a:b] = rows
+
+    _crop_rows(im, short, size, resample, pool, keep)
+    return out
+
+
+def eval_input(im: Image.Image, *, short: int, size: int, resample: Image.Resampling, mean: Any, std: Any, pool: Executor | None = None) -> np.ndarray:
+    """`resize_center_crop` then `normalize_into`, each half of rows normalized where it was resized
+    (on the pool's worker too): -> (3, S, S) float32, the evaluation input of training and serving."""
+    x = np.empty((3, size, size), np.float32)
+
+    def normalize(a: int, b: int, rows: np.ndarray) -> None:
+        normalize_into(x[:, a:b], rows, mean, std)
+
+    _crop_rows(im, short, size, resample, pool, normalize)
+    return x
+
+
+def _crop_rows(im: Image.Image, short: int, size: int, resample: Image.Resampling, pool: Executor | None,
+               sink: Callable[[int, int, np.ndarray], None]) -> None:  # fmt: skip
+    """Compute the crop of `resize_center_crop` and hand it to sink(first row, end row, (rows, S, 3) uint8)."""
     w, h = im.size
     if w <= h:
         nw, nh = short, int(short * h / w)
@@ -84,19 +108,17 @@ def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Imag
         canvas.paste(im, ((max(nw, size) - nw) // 2, (max(nh, size) - nh) // 2))
         im, (nw, nh) = canvas, canvas.size
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        return np.asarray(im.crop((left, top, left + size, top + size)))
+        sink(0, size, np.asarray(im.crop((left, top, left + size, top + size))))
+        return
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     sx, sy = w / nw, h / nh
-    out = np.empty((size, size, 3), np.uint8)
 
     def rows(a: int, b: int) -> None:  # output rows [a, b) of the crop
-        if b <= a:
-            return
-        box = (left * sx, (top + a) * sy, (left + size) * sx, (top + b) * sy)
-        out[a:b] = np.asarray(im.resize((size, b - a), resample=resample, box=box))
+        if b > a:
+            box = (left * sx, (top + a) * sy, (left + size) * sx, (top + b) * sy)
+            sink(a, b, np.asarray(im.resize((size, b - a), resample=resample, box=box)))
 
     _in_halves(rows, size, pool)
-    return out
 
 
 def _in_halves(fn: Callable[[int, int], None], n: int, pool: Executor | None) -> None:

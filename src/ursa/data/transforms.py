@@ -10,13 +10,12 @@ import functools
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ursa.data.images import draft_jpeg, eval_geometry, normalize_into, resize_center_crop, upright_rgb
+from ursa.data.images import draft_jpeg, eval_geometry, eval_input, upright_rgb
 
 __all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
 
@@ -46,15 +45,14 @@ def _normalize(data_config: dict[str, Any]) -> list[Any]:
 def eval_transform(data_config: dict[str, Any], *, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32.
 
-    The geometry is `ursa.data.images.resize_center_crop`, the one the exported predictor uses too.
+    It is `ursa.data.images.eval_input`, the function the exported predictor calls too.
     """
     side, short, resample = eval_geometry(data_config, size=size)
     return functools.partial(_eval, side=side, short=short, resample=resample, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
 
 
 def _eval(im: Image.Image, *, side: int, short: int, resample: Image.Resampling, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    a = resize_center_crop(im, short=short, size=side, resample=resample)
-    return torch.from_numpy(normalize_into(np.empty((3, side, side), np.float32), a, mean, std))
+    return torch.from_numpy(eval_input(im, short=short, size=side, resample=resample, mean=mean, std=std))
 
 
 def train_transform(
