@@ -595,8 +595,9 @@ class _FetchProcesses:
             with contextlib.suppress(OSError, ValueError):
                 self.conns[i].send((-fid, ""))  # stop that request there too
             raise
-        except (OSError, ValueError) as exc:  # the helper's pipe is gone
+        except (OSError, ValueError) as exc:  # the helper's pipe is gone: its hosts are fetched here from now on
             self.waiting.pop(fid, None)
+            self._drop(i)
             raise _Fail("connection: the fetch process stopped", transient=True) from exc
         if kind == "ok":
             return value  # type: ignore[no-any-return]
