@@ -53,7 +53,8 @@ FAILURES = [
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "helper-process"])
-def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path, processes: int) -> None:
+def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path, processes: int,
+                                                                   ready_helpers: list[dl._FetchProcesses]) -> None:  # fmt: skip
     """Also through a helper process: its failures come back with the same reasons, retried the same way."""
     server.hang_s = 1.5
     good = [server.url(f"img/{i}.jpg") for i in range(3)]
@@ -211,28 +212,41 @@ def _wait_for_no_helpers(timeout: float = 10.0) -> bool:
     return not _helpers()
 
 
-def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killing the fetch helper fails its in-flight URLs as transient; they are retried here and the run completes."""
-    server.delay = 0.05
+@pytest.fixture
+def ready_helpers(monkeypatch: pytest.MonkeyPatch) -> list[dl._FetchProcesses]:
+    """Fetch helpers that are running before the first URL is placed (a slow machine may take longer to
+    start one than a small test run lasts, and the run would then fetch everything itself); the list
+    collects them."""
     started: list[dl._FetchProcesses] = []
 
-    class Recording(dl._FetchProcesses):
+    class Ready(dl._FetchProcesses):
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            for i, conn in enumerate(self.conns):
+                assert conn.poll(60), "a fetch helper did not start"
+                self._receive(i)  # its 'ready' message
+            assert all(self.ready)
             started.append(self)
 
-    monkeypatch.setattr(dl, "_FetchProcesses", Recording)
+    monkeypatch.setattr(dl, "_FetchProcesses", Ready)
+    return started
+
+
+def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path: Path, ready_helpers: list[dl._FetchProcesses]) -> None:
+    """Killing the fetch helper fails its in-flight URLs as transient; they are retried here and the run completes."""
+    server.delay = 0.05
+    started = ready_helpers
     # hosts are dealt helper, helper, here: 127.0.0.1 and localhost are two origins, both on the helper
     urls = [server.url(f"img/{i}") for i in range(60)] + [server.url(f"img/{i}").replace("127.0.0.1", "localhost") for i in range(60, 120)]
     killed = []
 
     def kill_once(progress: object) -> None:
-        if progress.ok >= 10 and not killed and started and started[0].ready[0]:  # type: ignore[attr-defined]
+        if progress.ok >= 10 and not killed:  # type: ignore[attr-defined]
             started[0].procs[0].kill()
             killed.append(progress.ok)  # type: ignore[attr-defined]
 
     report = download([Job(u, "a") for u in urls], tmp_path, config=CollectConfig(concurrency=8, processes=2), on_progress=kill_once)
-    assert killed, "the helper never started"
+    assert killed
     got = rows(tmp_path)
     assert all(got[u]["status"] == "ok" for u in urls), {u: got[u]["reason"] for u in urls if got[u]["status"] != "ok"}
     assert report.progress.ok == 120 and len(images(tmp_path / "a")) == 120
