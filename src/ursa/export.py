@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -836,7 +835,7 @@ def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, A
         "output": {"name": "logits", "shape": ["batch", len(classes)], "then": "softmax"},
         "preprocess": {
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in data_config},
-            "resize_short_side": int(math.floor(size / float(data_config.get("crop_pct", 0.875)))),
+            "resize_short_side": eval_geometry(data_config, size=size)[1],
             "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), resize short side, center crop, /255, (x - mean) / std",
         },
         "open_set": open_set,

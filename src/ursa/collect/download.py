@@ -625,7 +625,7 @@ class _FetchProcesses:
             if j == i:
                 del self.waiting[fid]
                 if not fut.done():
-                    fut.set_result(("failed", ("connection: the fetch process stopped", True, None, 0.0)))
+                    fut.set_result(_failure(_Fail("connection: the fetch process stopped", transient=True, wait=0.0)))
 
     def close(self) -> None:
         """Tell the helpers to stop (they see the end of their pipe and exit); `join` waits for them."""
@@ -643,6 +643,11 @@ class _FetchProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _failure(fail: _Fail) -> tuple[str, tuple[str, bool, int | None, float | None]]:
+    """A `_Fail` as a helper's answer; `_FetchProcesses.fetch` raises it again from these fields."""
+    return "failed", (fail.reason, fail.transient, fail.status, fail.wait)
 
 
 def _fetch_helper() -> None:
@@ -672,9 +677,9 @@ async def _serve_fetches(conn: Any, cfg: CollectConfig) -> None:
         try:
             result: tuple[str, object] = ("ok", await _fetch_once(client, url, cfg=cfg))
         except _Fail as fail:
-            result = ("failed", (fail.reason, fail.transient, fail.status, fail.wait))
+            result = _failure(fail)
         except Exception as exc:  # noqa: BLE001 - a bug must fail one URL, not the helper
-            result = ("failed", (f"internal: {type(exc).__name__}: {exc}", False, None, None))
+            result = _failure(_Fail(f"internal: {type(exc).__name__}: {exc}"))
         tasks.pop(fid, None)
         send((fid, result))
 
