@@ -107,7 +107,7 @@ def _signature(backbone: Backbone, *, flip: bool, seed: int, jitter: float, scal
         "seed": seed,
         "jitter": jitter,
         "scale": list(scale),
-        "v": 2,  # 2: sharded layout
+        "v": 3,  # 2: sharded layout; 3: evaluation view resized from the crop's region (ursa.data.images)
     }
     if precision != "fp32":
         spec["precision"] = precision  # reduced-precision features are not mixed with fp32 ones
