@@ -26,14 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkey10"
+from _model import DATA, add_model_args, model_folder
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="export folder (default: export --run to a temporary folder)")
-    ap.add_argument("--run", type=Path, default=Path("/tmp/m10run"))
+    add_model_args(ap)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block", type=int, default=10, help="runs per contender before switching (default 10)")
@@ -43,16 +41,13 @@ def main() -> int:
     from PIL import Image
 
     from ursa.data.transforms import eval_transform, input_size, open_image
-    from ursa.export import export_run, load_model
+    from ursa.export import load_model
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="ursa-bench-"))
-    model_dir = args.model
+    model_dir = model_folder(args, tmp)
     if model_dir is None:
-        if not (args.run / "config.json").is_file():
-            print(f"no --model and no run at {args.run}; train one first: ursa train {DATA} --train training --valid validation --out {args.run}", file=sys.stderr)
-            return 2
-        model_dir = export_run(args.run, tmp / "model").out
+        return 2
 
     photo = tmp / "photo.jpg"
     src = sorted((DATA / "validation").rglob("*.jpg"))[0]

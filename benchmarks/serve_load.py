@@ -26,8 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkey10"
+from _model import DATA, add_model_args, model_folder
 
 
 def free_port() -> int:
@@ -127,22 +126,16 @@ def serve_and_load(model: Path, images: list[bytes], *, backend: str, n: int, co
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="export folder (default: export --run to a temporary folder)")
-    ap.add_argument("--run", type=Path, default=Path("/tmp/m10run"))
+    add_model_args(ap)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--baseline-requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-seconds", type=float, default=240.0)
     args = ap.parse_args()
 
-    model = args.model
+    model = model_folder(args, Path(tempfile.mkdtemp(prefix="ursa-bench-")))
     if model is None:
-        if not (args.run / "config.json").is_file():
-            print(f"no --model and no run at {args.run}; train one first: ursa train {DATA} --train training --valid validation --out {args.run}", file=sys.stderr)
-            return 2
-        from ursa.export import export_run
-
-        model = export_run(args.run, Path(tempfile.mkdtemp(prefix="ursa-bench-")) / "model").out
+        return 2
     images = [p.read_bytes() for p in sorted((DATA / "validation").rglob("*.jpg"))[:64]]
     ursa = serve_and_load(model, images, backend="onnx", n=args.requests, concurrency=args.concurrency, max_seconds=args.max_seconds)
     base = serve_and_load(model, images, backend="torch", n=args.baseline_requests, concurrency=args.concurrency, max_seconds=args.max_seconds / 2)
