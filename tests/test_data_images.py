@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -18,6 +18,7 @@ from torchvision.transforms import v2 as T
 
 from conftest import draw_example
 from ursa.data import images
+from ursa.errors import DataError
 from ursa.data.transforms import eval_transform, open_image
 
 R = Image.Resampling
@@ -60,6 +61,42 @@ def test_resize_center_crop_matches_torchvision_and_is_the_same_on_two_threads(w
         assert (diff > 0).mean() < 0.2
     else:
         assert diff.max() <= 2 and diff.mean() < 0.25, (diff.max(), diff.mean())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=st.integers(1, 700),
+    h=st.integers(1, 700),
+    size=st.sampled_from([16, 64, 224]),
+    crop=st.sampled_from([0.875, 1.0, 1.15]),
+    mode=st.sampled_from(images.CROP_MODES),
+    seed=st.integers(0, 8),
+)
+def test_every_crop_mode_matches_timms_eval_transform(w: int, h: int, size: int, crop: float, mode: str, seed: int, pool: ThreadPoolExecutor) -> None:
+    """center, squash and border give timm's `transforms_imagenet_eval` geometry (border pads with the mean
+    colour), to within Pillow's float32 box; one thread or two give identical bytes."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    dc = {"input_size": [3, size, size], "crop_pct": crop, "interpolation": "bicubic", "crop_mode": mode, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    side, short, resample = images.eval_geometry(dc)
+    assume(round(min(w, h) * short / max(w, h)) >= 1 or mode != "border")  # timm cannot resize a sliver to 0 px
+    im = draw_example(seed % 3, seed, size=256).resize((w, h), R.BICUBIC)
+    ref = transforms_imagenet_eval(img_size=size, crop_pct=crop, crop_mode=mode, interpolation="bicubic", mean=dc["mean"], normalize=False)(im)
+    fill = tuple(round(255 * m) for m in dc["mean"])
+    one = images.resize_center_crop(im, short=short, size=side, resample=resample, crop_mode=images.eval_crop_mode(dc), fill=fill)
+    np.testing.assert_array_equal(one, images.resize_center_crop(im, short=short, size=side, resample=resample, crop_mode=mode, fill=fill, pool=pool))
+    diff = np.abs(one.astype(int) - ref.permute(1, 2, 0).numpy().astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.25, (diff.max(), diff.mean())
+    got = eval_transform(dc)(im)  # training's evaluation transform takes the mode from the config too
+    np.testing.assert_array_equal(got.numpy(), images.normalize_into(np.empty((3, side, side), np.float32), one, dc["mean"], dc["std"]))
+
+
+def test_an_unknown_crop_mode_is_refused_with_the_modes_that_exist() -> None:
+    with pytest.raises(DataError, match="crop_mode 'zoom'.*center, squash, border"):
+        images.eval_crop_mode({"crop_mode": "zoom"})
+    assert images.eval_crop_mode({}) == "center" and images.eval_crop_mode({"crop_mode": None}) == "center"
+    with pytest.raises(DataError, match="unknown crop_mode"):
+        images.resize_center_crop(Image.new("RGB", (9, 9)), short=8, size=8, resample=R.BICUBIC, crop_mode="zoom")
 
 
 @pytest.mark.parametrize("wh", [(500, 375), (375, 500), (640, 480), (1024, 683), (300, 300), (224, 224), (4032, 3024)])

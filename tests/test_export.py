@@ -118,6 +118,7 @@ def test_export_folder_is_plain_data_with_hashes(built: Built) -> None:
     meta = json.loads((built.export / "model.json").read_text())
     assert meta["format"] == ex.FORMAT and meta["classes"] == ["bear", "cat", "dog"]
     assert meta["preprocess"]["input_size"] == [3, 64, 64] and meta["timm_name"] == "tf_efficientnet_lite0"
+    assert meta["preprocess"]["crop_mode"] == "center" and "center crop" in meta["preprocess"]["steps"]
     for name in ("model.onnx", "model.safetensors"):
         assert meta["files"][name]["sha256"] == ex._sha256((built.export / name).read_bytes())
     assert 0 <= meta["onnx"]["max_abs_diff_logits"] <= ex.ONNX_TOLERANCE and meta["onnx"]["checked_images"] > 0
@@ -229,6 +230,7 @@ def test_truncated_or_missing_file_is_refused(built: Built, tmp_path: Path) -> N
         (lambda m: m.update(format="onnx-zoo"), "not an Ursa model description"),
         (lambda m: m.update(format_version=99), "format version 99"),
         (lambda m: m.pop("files"), "lists no file hashes"),
+        (lambda m: m["preprocess"].update(crop_mode="zoom"), "crop_mode 'zoom'.*center, squash, border"),
     ],
 )
 def test_foreign_model_json_is_refused(built: Built, tmp_path: Path, edit, match: str) -> None:
@@ -238,6 +240,24 @@ def test_foreign_model_json_is_refused(built: Built, tmp_path: Path, edit, match
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match=match):
         ex.load_model(folder)
+
+
+@pytest.mark.parametrize("mode", ["squash", "border"])
+def test_predictor_follows_the_crop_mode_in_model_json(built: Built, tmp_path: Path, mode: str) -> None:
+    """A backbone whose timm config evaluates with another crop mode is served with that mode, the same
+    tensor as training's evaluation transform; an older model.json without the key means center."""
+    folder = copy_export(built, tmp_path)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["preprocess"]["crop_mode"] = mode
+    (folder / "model.json").write_text(json.dumps(meta))
+    photo = tmp_path / "wide.jpg"
+    draw_example(2, 7, size=256).resize((300, 120)).save(photo, quality=95)
+    got = ex.load_model(folder).load(photo)
+    np.testing.assert_array_equal(got, _reference(photo, meta["preprocess"]))
+    assert np.abs(got - ex.load_model(built.export).load(photo)).max() > 0.1  # not the center crop
+    del meta["preprocess"]["crop_mode"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    np.testing.assert_array_equal(ex.load_model(folder).load(photo), ex.load_model(built.export).load(photo))
 
 
 def test_not_an_export_folder(built: Built, tmp_path: Path) -> None:

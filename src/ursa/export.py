@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ursa.data.images import draft_jpeg, eval_geometry, eval_input, to_rgb, upright_rgb
-from ursa.errors import ExportError
+from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, to_rgb, upright_rgb
+from ursa.errors import ExportError, UrsaError
 
 __all__ = [
     "FORMAT",
@@ -148,7 +148,8 @@ def preprocess(im: Image.Image, data_config: dict[str, Any], *, pool: Executor |
     resize uses two cores.
     """
     size, short, resample = eval_geometry(data_config)
-    return eval_input(im, short=short, size=size, resample=resample, mean=data_config["mean"], std=data_config["std"], pool=pool)[None]
+    mode = eval_crop_mode(data_config)
+    return eval_input(im, short=short, size=size, resample=resample, mean=data_config["mean"], std=data_config["std"], pool=pool, crop_mode=mode)[None]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -326,6 +327,10 @@ class Predictor:
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.data_config: dict[str, Any] = dict(meta["preprocess"])
+        try:
+            eval_crop_mode(self.data_config)
+        except UrsaError as exc:
+            raise ExportError(f"{self.folder / _META_FILE}: {exc}") from None
         self.size = int(self.data_config["input_size"][-1])
         self.threshold: float = float(meta.get("open_set", {}).get("threshold", 0.0)) if open_set else 0.0
         self.backend, self.precision, self.max_pixels = backend, precision, max_pixels
@@ -820,6 +825,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
+_RESIZE_STEPS = {
+    "center": "resize short side, center crop",
+    "squash": "resize both sides (aspect not kept), center crop",
+    "border": "resize long side, pad with the mean colour, center crop",
+}
+
+
 def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, Any], classes: list[str], data_config: dict[str, Any], size: int, opset: int, open_set: dict[str, Any], int8_info: dict[str, Any] | None) -> dict[str, Any]:
     keep = ("error_rate", "accuracy", "valid_loss", "n_train", "n_valid", "tta", "final_stage")
     return {
@@ -835,8 +847,9 @@ def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, A
         "output": {"name": "logits", "shape": ["batch", len(classes)], "then": "softmax"},
         "preprocess": {
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in data_config},
+            "crop_mode": eval_crop_mode(data_config),
             "resize_short_side": eval_geometry(data_config, size=size)[1],
-            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), resize short side, center crop, /255, (x - mean) / std",
+            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), " + _RESIZE_STEPS[eval_crop_mode(data_config)] + ", /255, (x - mean) / std",
         },
         "open_set": open_set,
         "onnx": {"file": _ONNX_FILE, "opset": opset, "tolerance": ONNX_TOLERANCE},

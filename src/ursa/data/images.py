@@ -15,8 +15,14 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["RESAMPLE", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "resize_center_crop", "eval_input", "normalize_into"]
+from ursa.errors import DataError
 
+__all__ = ["RESAMPLE", "CROP_MODES", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "eval_crop_mode", "resize_center_crop", "eval_input", "normalize_into"]
+
+# timm's evaluation crop modes (`transforms_imagenet_eval`): "center" resizes the short side to S / crop_pct
+# and crops S x S; "squash" resizes both sides to S / crop_pct (aspect not kept) and crops; "border" resizes
+# the long side to S / crop_pct and pads the short one with the mean colour up to S, then crops.
+CROP_MODES = ("center", "squash", "border")
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 # Where Pillow's `getexif` looks for an orientation: EXIF blocks, TIFF tags and XMP packets.
 _ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
@@ -61,8 +67,22 @@ def eval_geometry(data_config: dict[str, Any], *, size: int | None = None) -> tu
     return size, short, RESAMPLE.get(str(data_config.get("interpolation", "bicubic")), Image.Resampling.BICUBIC)
 
 
-def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Image.Resampling, pool: Executor | None = None) -> np.ndarray:
+def eval_crop_mode(data_config: dict[str, Any]) -> str:
+    """The data config's timm `crop_mode` ("center" when absent); DataError for one Ursa does not know."""
+    mode = data_config.get("crop_mode") or "center"
+    if mode not in CROP_MODES:
+        raise DataError(f"the model's data config asks for crop_mode {mode!r}, which Ursa does not implement (it knows {', '.join(CROP_MODES)}). Set 'crop_mode' to one of those in the model's pretrained config.")
+    return str(mode)
+
+
+def resize_center_crop(
+    im: Image.Image, *, short: int, size: int, resample: Image.Resampling, pool: Executor | None = None, crop_mode: str = "center", fill: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
     """Resize an RGB image so its short side is `short` px, center-crop `size` x `size`: -> (S, S, 3) uint8.
+
+    `crop_mode` "squash" resizes both sides to `short` instead; "border" resizes the long side to `short`
+    and pads with `fill` where the image is smaller than the crop (timm's `ResizeKeepRatio(longest=1)` +
+    `CenterCropOrPad`); the other modes pad with 0, like torchvision's `CenterCrop`.
 
     torchvision's `Resize(short)` + `CenterCrop(size)` geometry (the long side becomes int(short * long /
     short_in), the crop offset round((n - S) / 2); a crop larger than the image is padded with zeros,
@@ -77,34 +97,45 @@ def resize_center_crop(im: Image.Image, *, short: int, size: int, resample: Imag
     def keep(a: int, b: int, rows: np.ndarray) -> None:
         out[a:b] = rows
 
-    _crop_rows(im, short, size, resample, pool, keep)
+    _crop_rows(im, short, size, resample, pool, keep, crop_mode, fill)
     return out
 
 
-def eval_input(im: Image.Image, *, short: int, size: int, resample: Image.Resampling, mean: Any, std: Any, pool: Executor | None = None) -> np.ndarray:
+def eval_input(
+    im: Image.Image, *, short: int, size: int, resample: Image.Resampling, mean: Any, std: Any, pool: Executor | None = None, crop_mode: str = "center"
+) -> np.ndarray:
     """`resize_center_crop` then `normalize_into`, each half of rows normalized where it was resized
-    (on the pool's worker too): -> (3, S, S) float32, the evaluation input of training and serving."""
+    (on the pool's worker too): -> (3, S, S) float32, the evaluation input of training and serving.
+    In "border" mode the padding is the mean colour, as in timm (0 after normalizing)."""
     x = np.empty((3, size, size), np.float32)
 
     def normalize(a: int, b: int, rows: np.ndarray) -> None:
         normalize_into(x[:, a:b], rows, mean, std)
 
-    _crop_rows(im, short, size, resample, pool, normalize)
+    fill = (round(255 * float(mean[0])), round(255 * float(mean[1])), round(255 * float(mean[2])))
+    _crop_rows(im, short, size, resample, pool, normalize, crop_mode, fill)
     return x
 
 
 def _crop_rows(im: Image.Image, short: int, size: int, resample: Image.Resampling, pool: Executor | None,
-               sink: Callable[[int, int, np.ndarray], None]) -> None:  # fmt: skip
+               sink: Callable[[int, int, np.ndarray], None], crop_mode: str = "center", fill: tuple[int, int, int] = (0, 0, 0)) -> None:  # fmt: skip
     """Compute the crop of `resize_center_crop` and hand it to sink(first row, end row, (rows, S, 3) uint8)."""
     w, h = im.size
-    if w <= h:
+    if crop_mode == "squash":
+        nw, nh = short, short
+    elif crop_mode == "border":  # timm's ResizeKeepRatio(longest=1.0): the long side becomes `short`
+        ratio = max(w / short, h / short)
+        nw, nh = max(1, round(w / ratio)), max(1, round(h / ratio))  # max: a sliver of an image keeps one pixel
+    elif crop_mode != "center":
+        raise DataError(f"unknown crop_mode {crop_mode!r}; use one of {', '.join(CROP_MODES)}.")
+    elif w <= h:
         nw, nh = short, int(short * h / w)
     else:
         nw, nh = int(short * w / h), short
-    if nw < size or nh < size:  # crop_pct > 1: resize whole, pad like torchvision
+    if nw < size or nh < size:  # the resized image is smaller than the crop: resize whole, pad like torchvision / timm
         if (nw, nh) != (w, h):
             im = im.resize((nw, nh), resample=resample)
-        canvas = Image.new("RGB", (max(nw, size), max(nh, size)))
+        canvas = Image.new("RGB", (max(nw, size), max(nh, size)), fill if crop_mode == "border" else (0, 0, 0))  # CenterCrop pads with 0
         canvas.paste(im, ((max(nw, size) - nw) // 2, (max(nh, size) - nh) // 2))
         im, (nw, nh) = canvas, canvas.size
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ursa.data.images import draft_jpeg, eval_geometry, eval_input, upright_rgb
+from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, upright_rgb
 
 __all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
 
@@ -44,15 +44,17 @@ def _normalize(data_config: dict[str, Any]) -> list[Any]:
 
 def eval_transform(data_config: dict[str, Any], *, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32.
+    The config's timm `crop_mode` ("squash", "border") changes the resize as in timm's eval transform.
 
     It is `ursa.data.images.eval_input`, the function the exported predictor calls too.
     """
     side, short, resample = eval_geometry(data_config, size=size)
-    return functools.partial(_eval, side=side, short=short, resample=resample, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+    mode = eval_crop_mode(data_config)
+    return functools.partial(_eval, side=side, short=short, resample=resample, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), crop_mode=mode)
 
 
-def _eval(im: Image.Image, *, side: int, short: int, resample: Image.Resampling, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    return torch.from_numpy(eval_input(im, short=short, size=side, resample=resample, mean=mean, std=std))
+def _eval(im: Image.Image, *, side: int, short: int, resample: Image.Resampling, mean: tuple[float, ...], std: tuple[float, ...], crop_mode: str) -> torch.Tensor:
+    return torch.from_numpy(eval_input(im, short=short, size=side, resample=resample, mean=mean, std=std, crop_mode=crop_mode))
 
 
 def train_transform(
