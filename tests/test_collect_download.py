@@ -250,6 +250,34 @@ def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path:
     got = rows(tmp_path)
     assert all(got[u]["status"] == "ok" for u in urls), {u: got[u]["reason"] for u in urls if got[u]["status"] != "ok"}
     assert report.progress.ok == 120 and len(images(tmp_path / "a")) == 120
+    log = tmp_path / ".ursa" / "fetch-processes.log"
+    assert len(report.notes) == 1 and "fetch process 1 stopped early (exit code -9)" in report.notes[0] and str(log) in report.notes[0]
+    assert log.is_file()
+
+
+def test_what_a_helper_prints_is_kept_and_a_clean_run_leaves_no_log(server: FaultServer, tmp_path: Path, ready_helpers: list[dl._FetchProcesses]) -> None:
+    urls = [server.url(f"img/{i}") for i in range(40)]
+    report = download([Job(u, "a") for u in urls[:20]], tmp_path, config=CollectConfig(concurrency=4, processes=2))
+    assert report.processes == 2 and report.notes == [] and not (tmp_path / ".ursa" / "fetch-processes.log").exists()
+    # What a helper prints (here: the error of a message it cannot read) goes to the log; a helper that
+    # then dies is named in the report with the log's path, and the run still completes.
+    log = tmp_path / ".ursa" / "fetch-processes.log"
+    done = []
+
+    def garble_then_kill(progress: object) -> None:
+        if not done and len(ready_helpers) == 2:  # this run's helpers have started
+            helpers = ready_helpers[-1]
+            helpers.conns[0].send("not a request")
+            deadline = time.monotonic() + 20
+            while "Traceback" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            helpers.procs[0].kill()
+            done.append(True)
+
+    report = download([Job(u, "a") for u in urls[20:]], tmp_path, config=CollectConfig(concurrency=4, processes=2), on_progress=garble_then_kill)
+    assert done and report.progress.ok == 20
+    assert len(report.notes) == 1 and "exit code -9" in report.notes[0] and str(log) in report.notes[0], report.notes
+    assert "Traceback" in log.read_text() and "ValueError" in log.read_text()
 
 
 def test_processes_by_cpu_count_and_size(monkeypatch: pytest.MonkeyPatch) -> None:

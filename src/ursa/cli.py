@@ -319,6 +319,8 @@ def _print_download_report(report: DownloadReport) -> None:
     if report.reasons:
         why = ", ".join(f"{kind} {n}" for kind, n in report.reasons.most_common())
         console.print(escape(f"failures: {why} (details in the manifest; retry with --retry-failed)"), highlight=False)
+    for note in report.notes:
+        console.print(escape(f"note: {note}"), style="yellow", highlight=False)
     how = f", {report.processes} fetch processes" if report.processes > 1 else ""
     console.print(f"manifest: {report.manifest}  ({report.progress.done} URLs, {report.seconds:.1f} s{how})", highlight=False)
 

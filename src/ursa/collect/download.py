@@ -122,6 +122,7 @@ class DownloadReport:
     reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     processes: int = 1  # processes that did the HTTP work, this one included (see CollectConfig.processes)
+    notes: list[str] = field(default_factory=list)  # what a person should know about the run itself (a fetch process that stopped)
 
 
 class NotAnImage(Exception):
@@ -376,7 +377,7 @@ class _Downloader:
         fetcher = None
         if n_proc > 1:
             try:
-                fetcher = _FetchProcesses(cfg, n_proc - 1, local=client)
+                fetcher = _FetchProcesses(cfg, n_proc - 1, local=client, log=self.root / ".ursa" / "fetch-processes.log")
             except OSError:  # cannot start processes here: do it all in this one
                 self.report.processes = 1
         fetch = fetcher.fetch if fetcher is not None else functools.partial(_fetch_once, client, cfg=cfg)
@@ -537,16 +538,23 @@ class _FetchProcesses:
     limits, the retries, the files and the manifest, so resuming and the manifest's guarantees do not
     change. Hosts are dealt out in turn, two to each helper for one fetched here (this process also does
     the bookkeeping), and keep their place, so their connections stay in one pool; until a helper has
-    started, its hosts are fetched here. A helper that dies fails its URLs as transient (retried here);
+    started, its hosts are fetched here. A helper that dies fails its URLs as transient (retried here)
+    and is named by `stopped()`; the helpers' stderr goes to `log` (kept only when not empty or one died);
     helpers exit when this process closes their pipe or dies, and ignore Ctrl-C (this process handles it).
     """
 
-    def __init__(self, cfg: CollectConfig, n: int, *, local: _Fetcher) -> None:
+    def __init__(self, cfg: CollectConfig, n: int, *, local: _Fetcher, log: Path | None = None) -> None:
         self.cfg, self.local = cfg, local
         self.loop = asyncio.get_running_loop()
         self.conns: list[Any] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ready: list[bool] = []
+        self.lost: list[int] = []  # helpers whose pipe closed before close(): they crashed or were killed
+        self.closing = False
+        self.log = log
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log, "ab") if log is not None else None  # every helper's stderr; closed in join()
         self.waiting: dict[int, tuple[asyncio.Future[Any], int]] = {}
         self.route: dict[str, int] = {}
         self.deal = [i for i in range(n) for _ in range(2)] + [-1]  # -1: this process
@@ -567,7 +575,7 @@ class _FetchProcesses:
         try:
             proc = subprocess.Popen([sys.executable, "-c", "from ursa.collect.download import _fetch_helper; _fetch_helper()", str(theirs.fileno())],
                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                                    stderr=self._log_file or subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         except BaseException:
             mine.close()
             raise
@@ -618,6 +626,8 @@ class _FetchProcesses:
             fut.set_result(result)
 
     def _drop(self, i: int) -> None:
+        if not self.closing and i not in self.lost:
+            self.lost.append(i)
         self.ready[i] = False
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.conns[i].fileno())
@@ -629,6 +639,7 @@ class _FetchProcesses:
 
     def close(self) -> None:
         """Tell the helpers to stop (they see the end of their pipe and exit); `join` waits for them."""
+        self.closing = True
         for i, conn in enumerate(self.conns):
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(conn.fileno())
@@ -643,6 +654,18 @@ class _FetchProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+            if self.log is not None and not self.lost:
+                with contextlib.suppress(OSError):
+                    if self.log.stat().st_size == 0:
+                        self.log.unlink()  # nothing was said: no empty log left behind
+
+    def stopped(self) -> list[str]:
+        """One line per helper that stopped before the end of the run (after `join`)."""
+        where = f"; what it printed is in {self.log}" if self.log is not None else ""
+        return [f"fetch process {i + 1} stopped early (exit code {self.procs[i].returncode}); its URLs were fetched by the main process{where}" for i in self.lost]
 
 
 def _failure(fail: _Fail) -> tuple[str, tuple[str, bool, int | None, float | None]]:
@@ -999,6 +1022,7 @@ def _download(jobs: Iterable[Job], root: Path, config: CollectConfig, on_progres
     finally:
         if run.helpers is not None:
             run.helpers.join()
+            run.report.notes += run.helpers.stopped()
     run.report.seconds = time.perf_counter() - start
     if on_progress is not None:
         on_progress(run.progress)
