@@ -17,8 +17,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--run", type=Path, default=Path("/tmp/m10run"), help="training run to export when --model is not given")
 
 
-def model_folder(args: argparse.Namespace, tmp: Path) -> Path | None:
-    """args.model, or a fresh export of args.run under `tmp`; None (after saying how to make one) when neither exists."""
+def model_folder(args: argparse.Namespace, tmp: Path, *, int8: bool = False) -> Path | None:
+    """args.model, or a fresh export of args.run under `tmp` (with the int8 model when `int8`); None (after
+    saying how to make one) when neither exists."""
     if args.model is not None:
         return Path(args.model)
     if not (args.run / "config.json").is_file():
@@ -26,4 +27,4 @@ def model_folder(args: argparse.Namespace, tmp: Path) -> Path | None:
         return None
     from ursa.export import export_run
 
-    return export_run(args.run, tmp / "model").out
+    return export_run(args.run, tmp / "model", int8=int8).out

@@ -13,6 +13,8 @@ pause between blocks so neither contender's idle, still-spinning threads run dur
 20 warm-up runs each, then 200 each. Prints one JSON line with median and p99 in milliseconds and the speed-up. The model comes from
 `--model` (an export folder) or is exported from `--run` (default /tmp/m10run, made by
 `ursa train /work/shared/data/monkey10 --train training --valid validation --out /tmp/m10run`).
+`--precision int8` runs ursa's int8 model instead (`export --int8`; not the same model as eager's, so
+max_abs_prob_diff then shows the quantization's effect on this photo).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block", type=int, default=10, help="runs per contender before switching (default 10)")
+    ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="ursa's model: fp32 (default) or int8 (needs an export made with --int8; --run exports one)")
     args = ap.parse_args()
 
     import torch
@@ -45,7 +48,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="ursa-bench-"))
-    model_dir = model_folder(args, tmp)
+    model_dir = model_folder(args, tmp, int8=args.precision == "int8")
     if model_dir is None:
         return 2
 
@@ -53,7 +56,7 @@ def main() -> int:
     src = sorted((DATA / "validation").rglob("*.jpg"))[0]
     Image.open(src).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC).save(photo, quality=90)
 
-    ursa_model = load_model(model_dir, threads=args.threads)
+    ursa_model = load_model(model_dir, threads=args.threads, precision=args.precision)
     eager = load_model(model_dir, backend="torch")._torch  # the same weights as an nn.Module
     dc = dict(ursa_model.data_config)
     tf = eval_transform(dc)
@@ -95,12 +98,13 @@ def main() -> int:
         "image": "500x375 JPEG (monkey10 validation photo), file -> probabilities",
         "threads": args.threads,
         "runs": args.runs,
+        "precision": args.precision,
         "ursa_onnxruntime_ms": u,
         "eager_pytorch_ms": e,
         "speedup_median": speedup,
         "max_abs_prob_diff": diff,
         "target": {"median_ms": 12, "speedup": 2.5},
-        "met": bool(u["median"] <= 12 and speedup >= 2.5),
+        "met": bool(args.precision == "fp32" and u["median"] <= 12 and speedup >= 2.5),  # the target is for the same model as eager
         "loadavg_1min": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
     }
