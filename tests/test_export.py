@@ -376,14 +376,14 @@ def test_cli_export_int8_predict_csv(run_cli, built: Built, tmp_path: Path, fast
     assert q["calibration_images"] > 0 and q["accuracy_change"] == pytest.approx(q["valid_accuracy_int8"] - q["valid_accuracy_fp32"], abs=1e-4)
     label, _, probs = ex.load_model(out, precision="int8").predict(built.photo)
     assert probs.shape == (3,)
-    # The stem, the first block and the classifier stay float32; the rest of the network is int8.
+    # The stem, the first blocks and the classifier stay float32; the rest of the network is int8.
     import onnx
 
     graph = onnx.load(str(out / "model.int8.onnx")).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     weights = {n.name: n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm")}
     kept = q["float32_nodes"]
-    assert "/0/conv_stem/Conv" in kept and "/1/fc/Gemm" in kept and len(kept) < len(weights) / 4
+    assert "/0/conv_stem/Conv" in kept and "/1/fc/Gemm" in kept and len(kept) < len(weights) / 3
     assert all(weights[name] not in dequantized for name in kept)
     assert all(w in dequantized for name, w in weights.items() if name not in kept)
 
