@@ -153,6 +153,16 @@ def test_split_json_round_trip(tiny_dataset: Path, tmp_path: Path) -> None:
     assert build_split(tiny_dataset, DataConfig(seed=7)).valid == sp.valid
 
 
+def test_a_relative_dataset_path_is_recorded_absolute(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ursa train data/bears` then `ursa export` from another folder: the run must still find the dataset."""
+    monkeypatch.chdir(tiny_dataset.parent)
+    sp = build_split(tiny_dataset.name, DataConfig(seed=7))
+    p = save_split(sp, tmp_path / "split.json")
+    monkeypatch.chdir(tmp_path)
+    back = load_split(p)
+    assert back.root.is_absolute() and back.root == tiny_dataset.resolve() and back.root.is_dir()
+
+
 def test_byte_identical_files_stay_together(tiny_dataset: Path) -> None:
     for i in range(4):
         shutil.copy(tiny_dataset / "bear" / "000.png", tiny_dataset / "bear" / f"dup{i}.png")

@@ -180,11 +180,12 @@ def build_split(root: str | Path, cfg: DataConfig = DataConfig()) -> Split:
 
 
 def save_split(split: Split, path: str | Path) -> Path:
-    """Write `split.json`: root, how, seed, classes, [name, label] pairs per side, skipped files."""
+    """Write `split.json`: root (absolute, so later stages work from any folder), how, seed, classes,
+    [name, label] pairs per side, skipped files."""
     return atomic_write_json(
         path,
         {
-            "root": str(split.root),
+            "root": str(split.root.resolve()),
             "how": split.how,
             "seed": split.seed,
             "valid_pct": split.valid_pct,

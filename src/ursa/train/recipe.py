@@ -376,7 +376,7 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
     from ursa.train.callbacks import Recorder
 
     config = {
-        "root": str(split.root),
+        "root": str(split.root.resolve()),  # absolute: export, interpret and report may run from another folder
         "data": to_dict(data),
         "train": to_dict(train),
         "arch": backbone.arch,
