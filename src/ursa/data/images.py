@@ -106,7 +106,7 @@ def eval_input(
 ) -> np.ndarray:
     """`resize_center_crop` then `normalize_into`, each half of rows normalized where it was resized
     (on the pool's worker too): -> (3, S, S) float32, the evaluation input of training and serving.
-    In "border" mode the padding is the mean colour, as in timm (0 after normalizing)."""
+    In "border" mode the padding is the mean colour rounded to a level, as in timm (about 0 after normalizing)."""
     x = np.empty((3, size, size), np.float32)
 
     def normalize(a: int, b: int, rows: np.ndarray) -> None:
