@@ -43,7 +43,8 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from ursa.data.transforms import eval_transform, input_size, open_image
+    from ursa.data.images import eval_min_side
+    from ursa.data.transforms import eval_transform, open_image
     from ursa.export import load_model
 
     torch.set_num_threads(args.threads)
@@ -60,7 +61,7 @@ def main() -> int:
     eager = load_model(model_dir, backend="torch")._torch  # the same weights as an nn.Module
     dc = dict(ursa_model.data_config)
     tf = eval_transform(dc)
-    side = input_size(dc)
+    side = eval_min_side(dc)  # the predictor's JPEG draft limit
 
     def run_ursa() -> np.ndarray:
         return ursa_model.predict_image(photo).probs

@@ -51,13 +51,14 @@ def rewrite_hash(folder: Path, name: str) -> None:
 
 
 def _reference(path: Path, data_config: dict) -> np.ndarray:
-    from ursa.data.transforms import eval_transform, input_size, open_image
+    from ursa.data.images import eval_min_side
+    from ursa.data.transforms import eval_transform, open_image
 
-    return eval_transform(data_config)(open_image(path, min_side=input_size(data_config))).numpy()[None]
+    return eval_transform(data_config)(open_image(path, min_side=eval_min_side(data_config))).numpy()[None]
 
 
 @pytest.mark.parametrize("size", [64, 224])
-@pytest.mark.parametrize("kind", ["jpeg-500x375", "jpeg-big-draft", "png-rgba", "gray", "tiny", "palette"])
+@pytest.mark.parametrize("kind", ["jpeg-500x375", "jpeg-big-draft", "jpeg-640x480", "png-rgba", "gray", "tiny", "palette"])
 def test_preprocess_matches_training_eval_transform(tmp_path: Path, kind: str, size: int) -> None:
     dc = {"input_size": [3, size, size], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "interpolation": "bicubic"}
     base = draw_example(1, 3, size=256)
@@ -68,6 +69,9 @@ def test_preprocess_matches_training_eval_transform(tmp_path: Path, kind: str, s
     elif kind == "jpeg-big-draft":  # short side >= 2x the input: decoded at reduced scale in both paths
         path = tmp_path / "x.jpg"
         base.resize((1600, 1200)).save(path, quality=90)
+    elif kind == "jpeg-640x480":  # short side under 2x the resize's 256: decoded whole in both paths
+        path = tmp_path / "x.jpg"
+        base.resize((640, 480)).save(path, quality=90)
     elif kind == "png-rgba":
         im = base.convert("RGBA")
         im.putalpha(128)
@@ -78,7 +82,9 @@ def test_preprocess_matches_training_eval_transform(tmp_path: Path, kind: str, s
         base.resize((30, 20)).save(path)
     else:
         base.convert("P").save(path)
-    got = ex.preprocess(ex.decode_image(path, min_side=size), dc)
+    from ursa.data.images import eval_min_side
+
+    got = ex.preprocess(ex.decode_image(path, min_side=eval_min_side(dc)), dc)
     ref = _reference(path, dc)
     assert got.shape == ref.shape == (1, 3, size, size) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
@@ -240,6 +246,18 @@ def test_foreign_model_json_is_refused(built: Built, tmp_path: Path, edit, match
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match=match):
         ex.load_model(folder)
+
+
+def test_a_drafted_jpeg_is_never_enlarged_again(built: Built, tmp_path: Path) -> None:
+    """Regression: JPEGs were draft-decoded down to the input side (64 here) although evaluation resizes the
+    short side to 73, so a 180x140 photo was decoded at 90x70 and enlarged; a 640x480 photo for a 224 model
+    likewise (blurred edges, up to ~50 levels). Now the draft stops at the resize's short side."""
+    photo = tmp_path / "p.jpg"
+    draw_example(0, 9, size=256).resize((180, 140)).save(photo, quality=95)
+    model = ex.load_model(built.export)
+    whole = ex.preprocess(ex.decode_image(photo), model.data_config)  # decoded at full size, no draft
+    np.testing.assert_array_equal(model.load(photo), whole)
+    assert np.abs(ex.preprocess(ex.decode_image(photo, min_side=64), model.data_config) - whole).max() > 0.05  # the old rule's input
 
 
 @pytest.mark.parametrize("mode", ["squash", "border"])

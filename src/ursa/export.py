@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, to_rgb, upright_rgb
+from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, eval_min_side, to_rgb, upright_rgb
 from ursa.errors import ExportError, UrsaError
 
 __all__ = [
@@ -332,6 +332,7 @@ class Predictor:
         except UrsaError as exc:
             raise ExportError(f"{self.folder / _META_FILE}: {exc}") from None
         self.size = int(self.data_config["input_size"][-1])
+        self._min_side = eval_min_side(self.data_config)  # JPEG draft never below the resize's short side
         self.threshold: float = float(meta.get("open_set", {}).get("threshold", 0.0)) if open_set else 0.0
         self.backend, self.precision, self.max_pixels = backend, precision, max_pixels
         # One helper thread lets preprocessing use a second core (see `preprocess`); with one thread, none.
@@ -381,12 +382,12 @@ class Predictor:
     # -- images --
     def load(self, img: Any) -> np.ndarray:
         """Decode (path, bytes or PIL image) and preprocess: -> (1, 3, S, S) float32."""
-        return preprocess(decode_image(img, min_side=self.size, max_pixels=self.max_pixels), self.data_config, pool=self._pool)
+        return preprocess(decode_image(img, min_side=self._min_side, max_pixels=self.max_pixels), self.data_config, pool=self._pool)
 
     def predict_image(self, img: Any, *, top_k: int = 3) -> Prediction:
         """Decode, preprocess, run and interpret one image; times each step in milliseconds."""
         t0 = time.perf_counter()
-        im = decode_image(img, min_side=self.size, max_pixels=self.max_pixels)
+        im = decode_image(img, min_side=self._min_side, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
         x = preprocess(im, self.data_config, pool=self._pool)
         t2 = time.perf_counter()
@@ -541,7 +542,7 @@ def export_run(
     xs, ys, skipped = [], [], []
     for p, y in zip(valid_paths, valid_y):
         try:
-            xs.append(preprocess(decode_image(p, min_side=size), data_config))
+            xs.append(preprocess(decode_image(p, min_side=eval_min_side(data_config, size=size)), data_config))
             ys.append(y)
         except BadImageError as exc:
             skipped.append(f"{p.name}: {exc}")
@@ -778,7 +779,7 @@ def _quantize(onnx_bytes: bytes, train_paths: list[Path], data_config: dict[str,
     batches = []
     for p in train_paths[::step][:n]:
         try:
-            batches.append(preprocess(decode_image(p, min_side=size), data_config))
+            batches.append(preprocess(decode_image(p, min_side=eval_min_side(data_config, size=size)), data_config))
         except BadImageError:
             continue
     if not batches:
@@ -874,7 +875,7 @@ def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, A
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in data_config},
             "crop_mode": eval_crop_mode(data_config),
             "resize_short_side": eval_geometry(data_config, size=size)[1],
-            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= input side), " + _RESIZE_STEPS[eval_crop_mode(data_config)] + ", /255, (x - mean) / std",
+            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= resize_short_side), " + _RESIZE_STEPS[eval_crop_mode(data_config)] + ", /255, (x - mean) / std",
         },
         "open_set": open_set,
         "onnx": {"file": _ONNX_FILE, "opset": opset, "tolerance": ONNX_TOLERANCE},

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from ursa.errors import DataError
 
-__all__ = ["RESAMPLE", "CROP_MODES", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "eval_crop_mode", "resize_center_crop", "eval_input", "normalize_into"]
+__all__ = ["RESAMPLE", "CROP_MODES", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "eval_min_side", "eval_crop_mode", "resize_center_crop", "eval_input", "normalize_into"]
 
 # timm's evaluation crop modes (`transforms_imagenet_eval`): "center" resizes the short side to S / crop_pct
 # and crops S x S; "squash" resizes both sides to S / crop_pct (aspect not kept) and crops; "border" resizes
@@ -65,6 +65,13 @@ def eval_geometry(data_config: dict[str, Any], *, size: int | None = None) -> tu
     size = int(size or data_config["input_size"][-1])
     short = int(math.floor(size / float(data_config.get("crop_pct", 0.875))))
     return size, short, RESAMPLE.get(str(data_config.get("interpolation", "bicubic")), Image.Resampling.BICUBIC)
+
+
+def eval_min_side(data_config: dict[str, Any], *, size: int | None = None) -> int:
+    """The short side (px) a JPEG may be draft-decoded down to for evaluation: the resize's short side, so a
+    drafted photo is never enlarged again (decoding a 640x480 photo at 320x240 and resizing it to 256 px
+    blurs edges by up to ~50 levels; see `draft_jpeg`). Augmented training views use the input side."""
+    return eval_geometry(data_config, size=size)[1]
 
 
 def eval_crop_mode(data_config: dict[str, Any]) -> str:

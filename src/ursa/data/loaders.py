@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ursa.config import DataConfig
+from ursa.data.images import eval_min_side
 from ursa.data.items import Item
 from ursa.data.split import Split, build_split
 from ursa.data.transforms import denormalize, eval_transform, input_size, open_image, train_transform
@@ -33,8 +34,9 @@ def default_data_config(arch: str = "efficientnet_lite0") -> dict[str, Any]:
 class ImageDataset(Dataset):
     """(image tensor (3, H, W), class index) for each item; None for a file that will not decode."""
 
-    def __init__(self, root: Path, items: Sequence[Item], classes: Sequence[str], tf: Callable[[Any], torch.Tensor], *, size: int):
+    def __init__(self, root: Path, items: Sequence[Item], classes: Sequence[str], tf: Callable[[Any], torch.Tensor], *, size: int, min_side: int | None = None):
         self.root, self.items, self.tf, self.size = Path(root), list(items), tf, size
+        self.min_side = min_side or size  # smallest short side a JPEG is draft-decoded to
         self.index = {c: i for i, c in enumerate(classes)}
         self.failed: dict[str, str] = {}
 
@@ -44,7 +46,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         it = self.items[i]
         try:
-            return self.tf(open_image(self.root / it.name, min_side=self.size)), self.index[it.label]
+            return self.tf(open_image(self.root / it.name, min_side=self.min_side)), self.index[it.label]
         except Exception as exc:  # a broken file is skipped, whatever the decoder raised
             self.failed[it.name] = f"{type(exc).__name__}: {exc}"
             return None
@@ -78,7 +80,7 @@ class DataBunch:
 
     def preprocess(self, item: Any) -> torch.Tensor:
         """A path or PIL image -> the evaluation tensor (3, H, W)."""
-        im = item if hasattr(item, "convert") else open_image(item, min_side=input_size(self.data_config))
+        im = item if hasattr(item, "convert") else open_image(item, min_side=eval_min_side(self.data_config))
         return eval_transform(self.data_config)(im.convert("RGB"))
 
     def sample_batch(self, n: int = 9, *, valid: bool = False) -> tuple[list[Any], list[str], str]:
@@ -109,7 +111,7 @@ class ImageDataLoaders:
         side = size or input_size(data_config)
         data_config = {**data_config, "input_size": (3, side, side)}
         tr = ImageDataset(split.root, split.train, split.classes, train_transform(data_config, size=side, flip=flip), size=side)
-        va = ImageDataset(split.root, split.valid, split.classes, eval_transform(data_config, size=side), size=side)
+        va = ImageDataset(split.root, split.valid, split.classes, eval_transform(data_config, size=side), size=side, min_side=eval_min_side(data_config, size=side))
         g = torch.Generator().manual_seed(split.seed)
         common = dict(num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0)
         train = DataLoader(tr, batch_size=bs, shuffle=True, drop_last=len(tr) > bs, generator=g, **common)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ursa._io import atomic_write_bytes, atomic_write_json
+from ursa.data.images import eval_min_side
 from ursa.data.items import Skipped
 from ursa.data.transforms import eval_transform, input_size, open_image, train_transform
 from ursa.errors import TrainError
@@ -69,15 +70,16 @@ def cache_dir_for(root: Path) -> Path:
 class _Images(Dataset):
     """Decodes and transforms one view of each path; a failed decode yields ok=False, never an exception."""
 
-    def __init__(self, paths: Sequence[Path], tf: Callable[[Any], torch.Tensor], size: int, seeds: Sequence[int] | None):
+    def __init__(self, paths: Sequence[Path], tf: Callable[[Any], torch.Tensor], size: int, seeds: Sequence[int] | None, *, min_side: int | None = None):
         self.paths, self.tf, self.size, self.seeds = list(paths), tf, size, seeds
+        self.min_side = min_side or size  # smallest short side a JPEG is draft-decoded to
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
         try:
-            im = open_image(self.paths[i], min_side=self.size)
+            im = open_image(self.paths[i], min_side=self.min_side)
             if self.seeds is None:
                 x = self.tf(im)
             else:
@@ -331,10 +333,10 @@ def extract(
     """
     size = input_size(backbone.data_config)
     if view in (PLAIN, MIRROR):
-        tf, view_seeds = eval_transform(backbone.data_config), None
+        tf, view_seeds, min_side = eval_transform(backbone.data_config), None, eval_min_side(backbone.data_config)
     else:
-        tf, view_seeds = train_transform(backbone.data_config, flip=flip, jitter=jitter, scale=scale), list(seeds or [])
-    ds = _Images(paths, tf, size, view_seeds)
+        tf, view_seeds, min_side = train_transform(backbone.data_config, flip=flip, jitter=jitter, scale=scale), list(seeds or []), size
+    ds = _Images(paths, tf, size, view_seeds, min_side=min_side)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
     device = torch.device(device)
     model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
