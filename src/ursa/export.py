@@ -540,9 +540,10 @@ def export_run(
     valid_paths, valid_y, train_paths, root = _valid_images(run, data_root, classes)
     say(f"reading {len(valid_paths)} validation images from {root}")
     xs, ys, skipped = [], [], []
+    min_side = eval_min_side(data_config, size=size)
     for p, y in zip(valid_paths, valid_y):
         try:
-            xs.append(preprocess(decode_image(p, min_side=eval_min_side(data_config, size=size)), data_config))
+            xs.append(preprocess(decode_image(p, min_side=min_side), data_config))
             ys.append(y)
         except BadImageError as exc:
             skipped.append(f"{p.name}: {exc}")
@@ -777,9 +778,10 @@ def _quantize(onnx_bytes: bytes, train_paths: list[Path], data_config: dict[str,
     size = int(data_config["input_size"][-1])
     step = max(1, len(train_paths) // max(1, n))
     batches = []
+    min_side = eval_min_side(data_config, size=size)
     for p in train_paths[::step][:n]:
         try:
-            batches.append(preprocess(decode_image(p, min_side=eval_min_side(data_config, size=size)), data_config))
+            batches.append(preprocess(decode_image(p, min_side=min_side), data_config))
         except BadImageError:
             continue
     if not batches:
@@ -860,6 +862,7 @@ _RESIZE_STEPS = {
 
 def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, Any], classes: list[str], data_config: dict[str, Any], size: int, opset: int, open_set: dict[str, Any], int8_info: dict[str, Any] | None) -> dict[str, Any]:
     keep = ("error_rate", "accuracy", "valid_loss", "n_train", "n_valid", "tta", "final_stage")
+    mode = eval_crop_mode(data_config)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -873,9 +876,9 @@ def _metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, A
         "output": {"name": "logits", "shape": ["batch", len(classes)], "then": "softmax"},
         "preprocess": {
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in data_config},
-            "crop_mode": eval_crop_mode(data_config),
-            "resize_short_side": eval_geometry(data_config, size=size)[1],
-            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= resize_short_side), " + _RESIZE_STEPS[eval_crop_mode(data_config)] + ", /255, (x - mean) / std",
+            "crop_mode": mode,
+            "resize_short_side": eval_min_side(data_config, size=size),  # the resize's short side, also the JPEG draft limit
+            "steps": "decode (EXIF upright, RGB on white; JPEG draft to >= resize_short_side), " + _RESIZE_STEPS[mode] + ", /255, (x - mean) / std",
         },
         "open_set": open_set,
         "onnx": {"file": _ONNX_FILE, "opset": opset, "tolerance": ONNX_TOLERANCE},

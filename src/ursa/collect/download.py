@@ -377,7 +377,7 @@ class _Downloader:
         fetcher = None
         if n_proc > 1:
             try:
-                fetcher = _FetchProcesses(cfg, n_proc - 1, local=client, log=self.root / ".ursa" / "fetch-processes.log")
+                fetcher = _FetchProcesses(cfg, n_proc - 1, local=client, log=self.root / META_DIR / "fetch-processes.log")
             except OSError:  # cannot start processes here: do it all in this one
                 self.report.processes = 1
         fetch = fetcher.fetch if fetcher is not None else functools.partial(_fetch_once, client, cfg=cfg)
@@ -552,8 +552,6 @@ class _FetchProcesses:
         self.lost: list[int] = []  # helpers whose pipe closed before close(): they crashed or were killed
         self.closing = False
         self.log = log
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(log, "ab") if log is not None else None  # every helper's stderr; closed in join()
         self.waiting: dict[int, tuple[asyncio.Future[Any], int]] = {}
         self.route: dict[str, int] = {}
