@@ -131,4 +131,4 @@ def test_default_lbfgs_head_fits_and_records_one_row(run_cli, tiny_dataset: Path
     rows = list(csv.DictReader(open(tmp_path / "r" / "history.csv")))
     assert [r["stage"] for r in rows] == ["head"] and float(rows[0]["train_loss"]) < 1.0
     code, _, err = run_cli("train", tiny_dataset, "--out", tmp_path / "r2", "--head", "sgd")
-    assert code == 2 and "--head sgd" in err
+    assert code == 2 and "--head (TrainConfig.head) must be one of 'lbfgs', 'one_cycle', got 'sgd'" in " ".join(err.split())

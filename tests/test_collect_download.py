@@ -18,6 +18,7 @@ import pytest
 
 from test_collect_server import FaultServer, bomb_png, make_jpeg, make_png, server  # noqa: F401 - fixture
 import ursa.collect.download as dl
+from ursa._io import dataset_lock
 from ursa.collect.download import Job, NotAnImage, download, jobs_from_list, sniff_image, split_dest
 from ursa.collect.manifest import Manifest, manifest_path
 from ursa.collect.urls import parse_url_text
@@ -407,11 +408,10 @@ def test_manifest_saver_never_replaces_a_newer_save_with_an_older_one(tmp_path: 
 
 def test_a_second_download_into_the_same_folder_at_once_is_refused(server: FaultServer, tmp_path: Path) -> None:
     """Two runs at once would number files alike and overwrite each other's manifest."""
-    fcntl = pytest.importorskip("fcntl")
+    pytest.importorskip("fcntl")
     (tmp_path / ".ursa").mkdir()
-    with open(tmp_path / ".ursa" / "download.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # as another download running now
-        with pytest.raises(CollectError, match="Another download is writing into"):
+    with dataset_lock(tmp_path, "download", error=CollectError):  # as another download running now
+        with pytest.raises(CollectError, match=r"Another download is writing into .* \(pid \d+, started .*Wait for it to finish"):
             download([Job(server.url("img/1"), "a")], tmp_path)
     assert not (tmp_path / "a").exists()
     download([Job(server.url("img/1"), "a")], tmp_path)  # once it is done, this one runs

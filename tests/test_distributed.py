@@ -114,11 +114,46 @@ def test_device_and_precision_choice() -> None:
     assert dist.pick_device("cpu") == cpu
     assert dist.pick_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else cpu)
     assert dist.choose_precision("bf16", cpu)[0] == "bf16"
-    choice, info = dist.choose_precision("auto", cpu, probe=lambda p: None)
-    assert choice in ("fp32", "bf16") and info["precision"] == choice and info["reason"]
     with pytest.raises(TrainError, match="needs a GPU"):
         dist.choose_precision("fp16", cpu)
     assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main() and dist.gather(3) == [3] and dist.broadcast("x") == "x"
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_auto_precision_on_a_cpu_is_fp32_on_every_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    """Regression: on a CPU with AVX512-BF16, `auto` timed one step in each precision and took bf16 when it
+    won the race, so the suite failed there and a busy moment could change how a run trains. Now `auto` is
+    decided from capabilities alone: fp32 on an AVX-only, AVX2 or AVX512-BF16 CPU alike; bf16 when asked."""
+    import inspect
+    import time
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dist, "_cpu_has_bf16", lambda: native_bf16)
+
+    def no_timing() -> float:
+        raise AssertionError("choosing a precision must not time anything")
+
+    with monkeypatch.context() as m:
+        m.setattr(time, "perf_counter", no_timing)
+        auto, auto_info = dist.choose_precision("auto", cpu)
+        asked, asked_info = dist.choose_precision("bf16", cpu)
+        fp32 = dist.choose_precision("fp32", cpu)
+    assert auto == "fp32" and auto_info["precision"] == "fp32" and auto_info["cpu_native_bf16"] is native_bf16
+    assert "every CPU" in auto_info["reason"] and "--precision bf16" in auto_info["reason"]
+    assert asked == "bf16" and asked_info["reason"].startswith("asked for") and (("emulates" in asked_info["reason"]) is not native_bf16)  # an explicit request is kept, on any CPU
+    assert fp32 == ("fp32", {"requested": "fp32", "device": "cpu", "cpu_native_bf16": native_bf16, "precision": "fp32", "reason": "asked for"})
+    assert "probe" not in inspect.signature(dist.choose_precision).parameters  # no timing plumbing left
+
+
+@pytest.mark.parametrize("bf16_ok, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_a_gpu_follows_its_capability(monkeypatch: pytest.MonkeyPatch, bf16_ok: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    gpu = torch.device("cuda", 0)
+    assert dist.choose_precision("auto", gpu)[0] == expected
+    assert dist.choose_precision("fp32", gpu)[0] == "fp32"
+    if not bf16_ok:
+        with pytest.raises(TrainError, match="no bf16"):
+            dist.choose_precision("bf16", gpu)
 
 
 def test_torchrun_command() -> None:

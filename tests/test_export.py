@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -39,12 +40,19 @@ def copy_export(built: Built, tmp_path: Path) -> Path:
     return dst
 
 
+def write_meta(folder: Path, meta: dict) -> None:
+    """Write an edited model.json with its content_sha256 recomputed (as someone hiding an edit would, or as
+    an export of a model with that content), so the checks behind the hash are what is tested."""
+    meta["content_sha256"] = ex._content_sha256(meta)
+    (folder / "model.json").write_text(json.dumps(meta))
+
+
 def rewrite_hash(folder: Path, name: str) -> None:
     """Update model.json for a replaced file, as someone hiding a swap would."""
     meta = json.loads((folder / "model.json").read_text())
     data = (folder / name).read_bytes()
     meta["files"][name] = {"sha256": ex._sha256(data), "bytes": len(data)}
-    (folder / "model.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)
 
 
 # ---- preprocessing ----
@@ -123,6 +131,7 @@ def test_export_folder_is_plain_data_with_hashes(built: Built) -> None:
     assert names == ["model.json", "model.onnx", "model.safetensors"]
     meta = json.loads((built.export / "model.json").read_text())
     assert meta["format"] == ex.FORMAT and meta["classes"] == ["bear", "cat", "dog"]
+    assert meta["format_version"] == 2 and meta["content_sha256"] == ex._content_sha256(meta) != ex._content_sha256({**meta, "classes": ["bear", "cat", "eel"]})
     assert meta["preprocess"]["input_size"] == [3, 64, 64] and meta["timm_name"] == "tf_efficientnet_lite0"
     assert meta["preprocess"]["crop_mode"] == "center" and "center crop" in meta["preprocess"]["steps"]
     for name in ("model.onnx", "model.safetensors"):
@@ -243,8 +252,70 @@ def test_foreign_model_json_is_refused(built: Built, tmp_path: Path, edit, match
     folder = copy_export(built, tmp_path)
     meta = json.loads((folder / "model.json").read_text())
     edit(meta)
-    (folder / "model.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)
     with pytest.raises(ExportError, match=match):
+        ex.load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: m["open_set"].update(threshold=0.0), id="lowered-threshold"),
+        pytest.param(lambda m: m["classes"].__setitem__(0, "grizzly"), id="renamed-class"),
+        pytest.param(lambda m: m["files"]["model.onnx"].update(sha256="0" * 64), id="edited-file-hash"),
+        pytest.param(lambda m: m.pop("content_sha256"), id="hash-removed"),
+    ],
+)
+def test_edited_model_json_is_refused(built: Built, tmp_path: Path, edit) -> None:  # noqa: ANN001
+    """Regression: lowering the open-set threshold or renaming a class in model.json was accepted. Its
+    content is now hashed into content_sha256, so any edit is refused, however the file is laid out."""
+    folder = copy_export(built, tmp_path)
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(meta, indent=4, sort_keys=True))  # the same content, laid out anew
+    assert ex.load_model(folder).classes == meta["classes"]
+    edit(meta)
+    (folder / "model.json").write_text(json.dumps(meta, indent=2))
+    for backend in ("onnx", "torch"):
+        with pytest.raises(ExportError, match=r"model.json was edited after export.*Export the run again"):
+            ex.load_model(folder, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["evil.pkl", "README.txt", ".hidden", "model.int8.onnx"])
+def test_a_foreign_file_in_the_folder_is_refused(built: Built, tmp_path: Path, name: str) -> None:
+    """Regression: an extra evil.pkl in the folder was accepted although foreign files are refused. Any file
+    model.json does not list is refused by name, with the fix, also a harmless-looking one or an int8 model
+    that was not exported with the folder."""
+    folder = copy_export(built, tmp_path)
+    (folder / name).write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(ExportError, match=rf"{re.escape(name)} is not part of this export.*Remove it from the folder"):
+        ex.load_model(folder)
+    (folder / name).unlink()
+    (folder / "sub").mkdir()  # a folder is foreign too
+    with pytest.raises(ExportError, match="sub is not part of this export"):
+        ex.load_model(folder)
+    (folder / "sub").rmdir()
+    assert ex.load_model(folder).classes == ["bear", "cat", "dog"]
+
+
+def test_a_missing_listed_file_is_refused_whatever_the_backend_reads(built: Built, tmp_path: Path) -> None:
+    folder = copy_export(built, tmp_path)
+    (folder / "model.onnx").unlink()
+    for backend in ("onnx", "torch"):
+        with pytest.raises(ExportError, match="model.onnx is missing.*export the run again"):
+            ex.load_model(folder, backend=backend)
+    with pytest.raises(ExportError, match="model.onnx is missing"):
+        ex.read_export(folder, files=[])
+
+
+def test_an_export_of_format_version_1_is_refused_with_the_fix(built: Built, tmp_path: Path) -> None:
+    """Exports made before model.json was hashed are refused, not read with the old rules: otherwise writing
+    "format_version": 1 would switch every new check off."""
+    folder = copy_export(built, tmp_path)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["content_sha256"]
+    meta["format_version"] = 1
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"earlier Ursa \(format version 1\).*Export the run again with this Ursa: ursa export"):
         ex.load_model(folder)
 
 
@@ -267,14 +338,14 @@ def test_predictor_follows_the_crop_mode_in_model_json(built: Built, tmp_path: P
     folder = copy_export(built, tmp_path)
     meta = json.loads((folder / "model.json").read_text())
     meta["preprocess"]["crop_mode"] = mode
-    (folder / "model.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)
     photo = tmp_path / "wide.jpg"
     draw_example(2, 7, size=256).resize((300, 120)).save(photo, quality=95)
     got = ex.load_model(folder).load(photo)
     np.testing.assert_array_equal(got, _reference(photo, meta["preprocess"]))
     assert np.abs(got - ex.load_model(built.export).load(photo)).max() > 0.1  # not the center crop
     del meta["preprocess"]["crop_mode"]
-    (folder / "model.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)
     np.testing.assert_array_equal(ex.load_model(folder).load(photo), ex.load_model(built.export).load(photo))
 
 

@@ -83,7 +83,7 @@ def test_apply_then_undo_restores_byte_for_byte(case) -> None:  # noqa: ANN001
     assert tree_digest(root) == before
     assert len(rv.state().decisions()) == 3  # the decisions are pending again
     ops = [json.loads(x)["op"] for x in rv.journal.read_text().splitlines()]
-    assert ops == ["decide", "decide", "decide", "apply", "unapply"]
+    assert ops == ["decide", "decide", "decide", "apply", "applied", "unapply"]  # the plan, its completion, its undo
 
 
 def test_apply_keeps_a_users_cleaned_csv(case) -> None:  # noqa: ANN001
@@ -122,7 +122,7 @@ def test_apply_and_undo_errors(case) -> None:  # noqa: ANN001
 @pytest.fixture
 def client(case) -> TestClient:  # noqa: ANN001
     root, run = case
-    return TestClient(create_review_app(root, run))
+    return TestClient(create_review_app(root, run), base_url="http://127.0.0.1")  # a loopback Host, as the app requires
 
 
 def test_state_groups_findings_by_kind(client: TestClient) -> None:
@@ -163,9 +163,9 @@ def test_decide_errors_change_nothing(client: TestClient, case) -> None:  # noqa
     r = client.post("/api/decide", json={"id": iid, "action": "delete", "version": 0})
     assert r.status_code == 409 and "Reload" in r.json()["error"]
     assert (root / ".ursa/review/journal.jsonl").read_bytes() == before
-    assert client.post("/api/undo").status_code == 200
-    assert client.post("/api/undo").status_code == 409
-    assert client.post("/api/apply").status_code == 409
+    assert client.post("/api/undo", json={}).status_code == 200
+    assert client.post("/api/undo", json={}).status_code == 409
+    assert client.post("/api/apply", json={}).status_code == 409
 
 
 def test_review_cli_apply_undo(case, run_cli) -> None:  # noqa: ANN001
@@ -185,11 +185,11 @@ def test_review_cli_apply_undo(case, run_cli) -> None:  # noqa: ANN001
 
 
 def test_review_cli_serves_the_page(case, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    import uvicorn
+    import ursa.web.server
 
     root, run = case
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(ursa.web.server, "run", lambda app, **kw: seen.update(app=app, **kw))
     code, out, err = run_cli("review", root, "--run", run, "--no-browser", "--port", "8799")
     assert code == 0, err
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8799 and "http://127.0.0.1:8799/" in out
@@ -207,3 +207,24 @@ def test_cleaned_csv_defines_the_next_dataset(case) -> None:  # noqa: ANN001
     split = build_split(root, DataConfig(labels=str(root / "cleaned.csv"), valid_pct=0.25))
     items = {it.name: it.label for it in [*split.train, *split.valid]}
     assert items["square/001.png"] == "circle" and "circle/copy.png" not in items and split.how == "csv"
+
+
+def test_apply_and_undo_wait_for_a_run_holding_the_dataset_lock(case) -> None:  # noqa: ANN001
+    """A download or verify changing the folder holds its lock; an apply meanwhile would race it."""
+    from ursa._io import dataset_lock
+    from ursa.errors import CollectError
+
+    root, _ = case
+    rv = Review(root)
+    rv.decide("square/001.png", "delete")
+    before = tree_digest(root)
+    (root / ".ursa").mkdir(exist_ok=True)
+    with dataset_lock(root, "download", error=CollectError), pytest.raises(ReviewError, match="download"):
+        rv.apply()
+    assert tree_digest(root) == before
+    rv.apply()
+    assert not (root / "square/001.png").exists()
+    with dataset_lock(root, "verify", error=CollectError), pytest.raises(ReviewError, match="verify"):
+        rv.undo_apply()
+    rv.undo_apply()
+    assert (root / "square/001.png").is_file()

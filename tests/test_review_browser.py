@@ -100,5 +100,5 @@ def test_review_page_relabel_delete_reload_undo_apply(browser, served, tmp_path:
     assert "circle/copy.png" not in labels and len(labels) == 12
     assert (root / ".ursa/quarantine/circle/copy.png").is_file() and not (root / "circle/copy.png").exists()
     ops = [json.loads(x) for x in (root / ".ursa/review/journal.jsonl").read_text().splitlines()]
-    assert [o["op"] for o in ops] == ["decide", "decide", "undo", "decide", "decide", "apply"]
-    assert ops[-1]["moves"][0]["name"] == "circle/copy.png"
+    assert [o["op"] for o in ops] == ["decide", "decide", "undo", "decide", "decide", "apply", "applied"]
+    assert ops[-2]["moves"][0]["name"] == "circle/copy.png"

@@ -82,7 +82,7 @@ def test_bad_shard_exits_2_with_the_fix(url_list: list[str], bad: str, capsys: p
 def test_two_shards_at_once_in_one_folder_are_refused(url_list: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
-    lock = Path("d/.ursa/download.lock")
+    lock = Path("d/.ursa/dataset.lock")
     lock.parent.mkdir(parents=True)
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # as another shard running now

@@ -22,6 +22,8 @@ from export_fixtures import Built, build
 from ursa.export import load_model
 from ursa.web.predict_app import create_predict_app, default_workers
 
+LOCAL = "http://127.0.0.1"  # the apps answer to loopback Host names only (DNS rebinding)
+
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
@@ -30,7 +32,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def client(built: Built) -> TestClient:
-    return TestClient(create_predict_app(built.export))
+    return TestClient(create_predict_app(built.export), base_url=LOCAL)
 
 
 def png_bytes(w: int, h: int, mode: str = "L") -> bytes:
@@ -84,7 +86,7 @@ def test_missing_or_empty_upload_is_400(client: TestClient) -> None:
 
 
 def test_oversized_upload_is_413(built: Built) -> None:
-    small = TestClient(create_predict_app(built.export, max_upload_bytes=20_000))
+    small = TestClient(create_predict_app(built.export, max_upload_bytes=20_000), base_url=LOCAL)
     big = os.urandom(30_000)
     for kw in ({"content": big}, {"files": {"file": ("big.jpg", big, "image/jpeg")}}):
         r = small.post("/predict", **kw)
@@ -98,7 +100,7 @@ def test_decompression_bomb_is_413_before_decoding(client: TestClient, built: Bu
     r = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
     assert r.status_code == 413 and "megapixels" in r.json()["detail"]
     assert time.perf_counter() - t0 < 2.0  # refused from the header, not after a 144 MB decode
-    strict = TestClient(create_predict_app(built.export, max_pixels=1_000_000))
+    strict = TestClient(create_predict_app(built.export, max_pixels=1_000_000), base_url=LOCAL)
     r = strict.post("/predict", content=png_bytes(1200, 1000, "RGB"))
     assert r.status_code == 413 and "over the limit of 1" in r.json()["detail"]
 
@@ -139,7 +141,7 @@ def test_inference_is_bounded_and_off_the_event_loop(built: Built) -> None:
 
     async def main() -> tuple[list[int], float]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as c:
             jobs = [asyncio.create_task(c.post("/predict", content=data)) for _ in range(6)]
             await asyncio.sleep(0.05)
             t0 = time.perf_counter()
@@ -158,7 +160,7 @@ def test_a_full_queue_answers_503(built: Built) -> None:
     data = built.photo.read_bytes()
 
     async def main() -> list[int]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOCAL) as c:
             return [r.status_code for r in await asyncio.gather(*[c.post("/predict", content=data) for _ in range(3)])]
 
     codes = asyncio.run(main())
@@ -174,7 +176,7 @@ def test_serving_imports_neither_training_code_nor_torch(built: Built) -> None:
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
         "from ursa.web.predict_app import create_predict_app\n"
-        f"c = TestClient(create_predict_app({str(built.export)!r}))\n"
+        f"c = TestClient(create_predict_app({str(built.export)!r}), base_url='http://127.0.0.1')\n"
         f"assert c.post('/predict', content=open({str(built.photo)!r}, 'rb').read()).status_code == 200\n"
         # ursa.data.images is the torch-free decode + geometry shared with training; nothing else of ursa.data
         "bad = sorted(m for m in sys.modules if m.startswith(('ursa.train', 'ursa.data.', 'torch', 'timm', 'onnx.')) or m == 'onnx')\n"

@@ -15,9 +15,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from ursa.config import CollectConfig, DataConfig, TrainConfig, VerifyConfig, check_number
 from ursa.errors import UrsaError
 
 __all__ = ["app", "main"]
+
+# The options' defaults are the config dataclasses' own (one place to change them); options that no
+# config carries are checked with the same `check_number` before anything is printed or started.
+_DATA, _TRAIN, _COLLECT, _VERIFY = DataConfig(), TrainConfig(), CollectConfig(), VerifyConfig()
 
 app = typer.Typer(
     add_completion=False,
@@ -48,9 +53,20 @@ def tune_allocator() -> bool:
     return ok
 
 
+# Commands that run PyTorch over batches, where tune_allocator pays. Not serve or review: a server must give
+# the memory of large uploads back to the system, which the tuning (no mmap, 1 GiB trim threshold) prevents.
+_TUNED_COMMANDS = frozenset({"train", "lr-find", "show-batch", "demo", "issues", "interpret", "lesson"})
+
+
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in `argv` (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; `argv` (without the program name) is for tests."""
-    tune_allocator()
+    if _command(list(sys.argv[1:] if argv is None else argv)) in _TUNED_COMMANDS:
+        tune_allocator()
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc N` passes on to torchrun
     try:
         app(args=argv, prog_name="ursa")
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 DataArg = Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class (or train/ and valid/ folders).", show_default=False)]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Sub-folder with the training class folders (with --valid).")]
 ValidOpt = Annotated[Optional[str], typer.Option("--valid", help="Sub-folder with the validation class folders (with --train).")]
-LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="CSV with columns name,label (names relative to DATA), e.g. cleaned.csv.")]
+LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="CSV with columns name,label (names inside DATA, relative to it), e.g. cleaned.csv; train/valid sides kept from a split or is_valid column, or from train/ and valid/ folders.")]
 ValidPctOpt = Annotated[float, typer.Option("--valid-pct", help="Share of each class held out for validation, in (0, 1).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the split, augmentation and training.")]
 FlipOpt = Annotated[bool, typer.Option("--flip/--no-flip", help="Mirror images in augmentation (turn off for text, digits, left/right classes).")]
@@ -96,9 +112,9 @@ def info(
     train: TrainOpt = None,
     valid: ValidOpt = None,
     labels: LabelsOpt = None,
-    valid_pct: ValidPctOpt = 0.2,
-    seed: SeedOpt = 42,
-    allow_new_labels: AllowNewOpt = False,
+    valid_pct: ValidPctOpt = _DATA.valid_pct,
+    seed: SeedOpt = _DATA.seed,
+    allow_new_labels: AllowNewOpt = _DATA.allow_new_labels,
 ) -> None:
     """Classes, image counts per class and per split, and image sizes."""
     from rich.table import Table
@@ -117,7 +133,7 @@ def info(
     s = dataset_sizes(split)
     console.print(f"image sizes (w x h px): min {s['min']}, median {s['median']}, max {s['max']}; {s['n_modes']}")
     if split.skipped:
-        console.print(f"[yellow]{len(split.skipped)} file(s) skipped[/] (not readable images):")
+        console.print(f"[yellow]{len(split.skipped)} file(s) skipped[/] (not readable images, or symlinks not followed):")
         for sk in split.skipped[:10]:
             console.print(f"  {sk.name}: {sk.reason}", highlight=False)
 
@@ -130,17 +146,20 @@ def show_batch(
     train: TrainOpt = None,
     valid: ValidOpt = None,
     labels: LabelsOpt = None,
-    valid_pct: ValidPctOpt = 0.2,
-    seed: SeedOpt = 42,
-    flip: FlipOpt = True,
-    arch: ArchOpt = "efficientnet_lite0",
+    valid_pct: ValidPctOpt = _DATA.valid_pct,
+    seed: SeedOpt = _DATA.seed,
+    flip: FlipOpt = _DATA.flip,
+    arch: ArchOpt = _TRAIN.arch,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels, as given to train (default: the backbone's own).")] = None,
 ) -> None:
     """A grid of augmented training images with their labels."""
     from ursa.data.loaders import ImageDataLoaders, default_data_config
     from ursa.data.split import build_split
+    from ursa.errors import DataError
 
     _check_out_file(out)
+    check_number(n, "-n", DataError, integer=True, at_least=1)
+    size = TrainConfig(arch=arch, size=size).size  # the sizes train accepts, checked by TrainConfig
     split = build_split(data, _data_config(train, valid, labels, valid_pct, seed, flip))
     dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=flip, size=size)
     from ursa.interpret.plots import show_batch as draw_batch
@@ -156,15 +175,14 @@ def lr_find(
     train: TrainOpt = None,
     valid: ValidOpt = None,
     labels: LabelsOpt = None,
-    valid_pct: ValidPctOpt = 0.2,
-    seed: SeedOpt = 42,
-    flip: FlipOpt = True,
-    arch: ArchOpt = "efficientnet_lite0",
+    valid_pct: ValidPctOpt = _DATA.valid_pct,
+    seed: SeedOpt = _DATA.seed,
+    flip: FlipOpt = _DATA.flip,
+    arch: ArchOpt = _TRAIN.arch,
     weights: WeightsOpt = None,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own).")] = None,
 ) -> None:
     """Sweep the learning rate of the head stage (on cached features) and suggest one."""
-    from ursa.config import TrainConfig
     from ursa.train.recipe import head_learner
 
     _check_out_file(out)
@@ -183,43 +201,36 @@ def train_cmd(
     train: TrainOpt = None,
     valid: ValidOpt = None,
     labels: LabelsOpt = None,
-    valid_pct: ValidPctOpt = 0.2,
-    seed: SeedOpt = 42,
-    flip: FlipOpt = True,
-    allow_new_labels: AllowNewOpt = False,
-    arch: ArchOpt = "efficientnet_lite0",
+    valid_pct: ValidPctOpt = _DATA.valid_pct,
+    seed: SeedOpt = _DATA.seed,
+    flip: FlipOpt = _DATA.flip,
+    allow_new_labels: AllowNewOpt = _DATA.allow_new_labels,
+    arch: ArchOpt = _TRAIN.arch,
     weights: WeightsOpt = None,
-    head: Annotated[str, typer.Option("--head", help="Head solver: lbfgs (fitted to convergence, no lr to pick) or one_cycle (SGD epochs, uses --epochs/--lr).")] = "lbfgs",
-    c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the lbfgs head (larger fits the training set harder).")] = 0.5,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the one_cycle head on cached features.")] = 12,
+    head: Annotated[str, typer.Option("--head", help="Head solver: lbfgs (fitted to convergence, no lr to pick) or one_cycle (SGD epochs, uses --epochs/--lr).")] = _TRAIN.head,
+    c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the lbfgs head (larger fits the training set harder).")] = _TRAIN.c,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the one_cycle head on cached features.")] = _TRAIN.epochs,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the one_cycle head (default 3e-3); implies --head one_cycle.")] = None,
-    views: Annotated[int, typer.Option("--views", help="Most augmented views per training image in the feature cache.")] = 8,
-    fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage (0: none).")] = 0,
-    fine_tune_lr: Annotated[float, typer.Option("--fine-tune-lr", help="Peak learning rate of the head when fine-tuning (the body gets 1/10 and 1/100 of it).")] = 1e-4,
+    views: Annotated[int, typer.Option("--views", help="Most augmented views per training image in the feature cache.")] = _TRAIN.views,
+    fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage (0: none).")] = _TRAIN.fine_tune,
+    fine_tune_lr: Annotated[float, typer.Option("--fine-tune-lr", help="Peak learning rate of the head when fine-tuning (the body gets 1/10 and 1/100 of it).")] = _TRAIN.fine_tune_lr,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own, 224 for lite0).")] = None,
-    batch_size: Annotated[int, typer.Option("--bs", help="Images per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option("--bs", help="Images per batch, for feature extraction and fine-tuning.")] = _TRAIN.batch_size,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes: N > 1 starts torchrun with N ranks (DDP; gloo on CPU, NCCL on GPU).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="Fine-tuning precision: auto, fp32, bf16 or fp16 (GPU); auto takes bf16 only where it is faster.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Fine-tuning precision: auto, fp32, bf16 or fp16 (GPU); auto is bf16/fp16 on a GPU by its capability, fp32 on every CPU.")] = "auto",
 ) -> None:
     """Train a classifier with the CPU-fast default recipe and write the run folder."""
-    from ursa.config import TrainConfig
-    from ursa.errors import TrainError
     from ursa.train.recipe import train_run
 
-    if epochs < 1 or fine_tune < 0 or views < 0:
-        raise TrainError("--epochs must be at least 1, --fine-tune and --views at least 0.")
-    if head not in ("lbfgs", "one_cycle", "one-cycle"):
-        raise TrainError(f"--head {head} is not a head solver; use lbfgs or one_cycle.")
-    if c <= 0:
-        raise TrainError(f"--c must be positive, got {c}. Try 0.5 (the default).")
-    head = "one_cycle" if (lr is not None or head == "one-cycle") else head
+    head = "one_cycle" if head == "one-cycle" or (lr is not None and head == "lbfgs") else head  # --lr implies one_cycle
+    data_cfg = _data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels)  # checked before torchrun starts
     cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
     cfg = _scale_out(cfg, nproc=nproc, device=device, precision=precision)
     if cfg is None:
         return  # the ranks torchrun started did the training and printed the result
-    res = train_run(data, out, data=_data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels), train=cfg, console=console)
+    res = train_run(data, out, data=data_cfg, train=cfg, console=console)
     _print_result(res)
 
 
@@ -244,13 +255,16 @@ def demo(
     fine_tune: Annotated[int, typer.Option("--fine-tune", help="Epochs of full fine-tuning after the head stage.")] = 0,
 ) -> None:
     """Train on the embedded default (scikit-learn's handwritten digits) with no network; print where results are."""
-    from ursa.config import DataConfig, TrainConfig
     from ursa.data.embedded import write_digits
+    from ursa.errors import DataError
     from ursa.train.recipe import train_run
 
+    check_number(per_class, "--per-class", DataError, integer=True, at_least=2, optional=True,
+                 hint="Each digit needs a training and a validation image.")  # fmt: skip
+    data_cfg, train_cfg = DataConfig(flip=False), TrainConfig(size=size, fine_tune=fine_tune)  # checked before writing the dataset
     root = write_digits(out / "digits", per_class=per_class)
     console.print(f"dataset: {root} (scikit-learn's bundled handwritten digits, 10 classes, as PNG class folders)")
-    res = train_run(root, out / "runs" / "digits", data=DataConfig(flip=False), train=TrainConfig(size=size, fine_tune=fine_tune), console=console)
+    res = train_run(root, out / "runs" / "digits", data=data_cfg, train=train_cfg, console=console)
     _print_result(res)
     console.print(f"next: open {res.out}/losses.png, or try  ursa info {root}  and  ursa show-batch {root} --no-flip")
 
@@ -261,26 +275,19 @@ from typing import TYPE_CHECKING  # noqa: E402 - kept with the block that uses i
 if TYPE_CHECKING:
     from ursa.collect.download import DownloadReport, Job
     from ursa.collect.download import Progress as DownloadProgress
-    from ursa.config import CollectConfig
+
+_MAX_MB = _COLLECT.max_bytes / 2**20  # --max-mb's default: CollectConfig.max_bytes in MiB
 
 
-def _collect_config(*, max_images: int | None = None, concurrency: int | None = None, per_host: int | None = None,
-                    timeout: float | None = None, max_mb: float | None = None, retry_failed: bool = False,
-                    processes: int | None = None) -> CollectConfig:  # fmt: skip
-    """A CollectConfig from the options the user gave (None: keep the default), checked for sense."""
-    from ursa.config import CollectConfig
+def _collect_config(*, max_images: int | None = _COLLECT.max_images, concurrency: int = _COLLECT.concurrency,
+                    per_host: int = _COLLECT.per_host, timeout: float = _COLLECT.timeout, max_mb: float = _MAX_MB,
+                    retry_failed: bool = _COLLECT.retry_failed, processes: int | None = _COLLECT.processes) -> CollectConfig:  # fmt: skip
+    """A CollectConfig from the options; CollectConfig checks them, except --max-mb (in other units)."""
     from ursa.errors import CollectError
 
-    for flag, value in (("--max", max_images), ("--concurrency", concurrency), ("--per-host", per_host), ("--processes", processes)):
-        if value is not None and value < 1:
-            raise CollectError(f"{flag} must be at least 1 (got {value}).")
-    for flag, number in (("--timeout", timeout), ("--max-mb", max_mb)):
-        if number is not None and number <= 0:
-            raise CollectError(f"{flag} must be a positive number (got {number}).")
-    given = {"max_images": max_images, "concurrency": concurrency, "per_host": per_host, "timeout": timeout,
-             "max_bytes": None if max_mb is None else int(max_mb * 2**20), "retry_failed": retry_failed,
-             "processes": processes}  # fmt: skip
-    return CollectConfig(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+    check_number(max_mb, "--max-mb", CollectError, above=0.0, unit="MiB")
+    return CollectConfig(max_images=max_images, concurrency=concurrency, per_host=per_host, timeout=timeout,
+                         max_bytes=int(max_mb * 2**20), retry_failed=retry_failed, processes=processes)  # fmt: skip
 
 
 def _run_download(jobs: list[Job], root: Path, cfg: CollectConfig) -> DownloadReport:
@@ -330,12 +337,12 @@ def download_cmd(
     lists: Annotated[list[Path], typer.Argument(help="URL lists: .txt with one URL per line, or .csv with a 'url' column.", show_default=False)],
     dest: Annotated[Path, typer.Option("--dest", "-d", help="Class folder (data/bears/teddy); with --lists, the dataset root (data/bears).")],
     per_list: Annotated[bool, typer.Option("--lists", help="One class per list, named after the file: urls_teddys.txt -> teddys.")] = False,
-    max_images: Annotated[Optional[int], typer.Option("--max", help="Most good images per class, earlier runs included.")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also try again the URLs that failed before.")] = False,
-    concurrency: Annotated[Optional[int], typer.Option(help="Downloads in flight at once [default: 64].")] = None,
-    per_host: Annotated[Optional[int], typer.Option(help="Downloads in flight to one host [default: 8].")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for a connection or for data [default: 10].")] = None,
-    max_mb: Annotated[Optional[float], typer.Option("--max-mb", help="Largest file kept, in MiB [default: 20].")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max", help="Most good images per class, earlier runs included.")] = _COLLECT.max_images,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also try again the URLs that failed before.")] = _COLLECT.retry_failed,
+    concurrency: Annotated[int, typer.Option(help="Downloads in flight at once.")] = _COLLECT.concurrency,
+    per_host: Annotated[int, typer.Option(help="Downloads in flight to one host.")] = _COLLECT.per_host,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection or for data.")] = _COLLECT.timeout,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest file kept, in MiB.")] = _MAX_MB,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: only the URLs of shard i of N (0-based, by a hash of the URL); each shard resumes on its own.")] = None,
     processes: Annotated[Optional[int], typer.Option(help="Processes doing the HTTP work; 1 keeps it in this one [default: up to 4 by CPU count, for 400+ URLs].")] = None,
 ) -> None:
@@ -396,9 +403,10 @@ def search_cmd(
 def verify_cmd(
     root: Annotated[Path, typer.Argument(help="Dataset folder (one sub-folder per class).", show_default=False)],
     max_size: Annotated[Optional[int], typer.Option("--max-size", help="Shrink images whose longest side is over this many pixels.")] = None,
-    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Fix orientation, colour mode and truncation (originals kept).")] = True,
+    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Fix orientation, colour mode and truncation (originals kept).")] = _VERIFY.repair,
 ) -> None:
-    """Decode every image; repair, shrink, quarantine unreadable files (never delete) and report exact duplicates."""
+    """Decode every image; repair, shrink, quarantine unreadable files (never delete) and report exact duplicates.
+    Dangling and folder symlinks are skipped and reported; a download or another verify running on ROOT is refused."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -412,10 +420,10 @@ def verify_cmd(
         task = bar.add_task("verify", total=None)
         report = verify_folder(root, config=cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"Verified {root}", title_justify="left")
-    for col in ("class", "files", "ok", "repaired", "shrunk", "quarantined", "duplicates"):
+    for col in ("class", "files", "ok", "repaired", "shrunk", "quarantined", "skipped", "duplicates"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for label, c in report.by_label().items():
-        table.add_row(label or "(root)", *(str(c[k]) for k in ("files", "ok", "repaired", "shrunk", "quarantined", "duplicates")))
+        table.add_row(label or "(root)", *(str(c[k]) for k in ("files", "ok", "repaired", "shrunk", "quarantined", "skipped", "duplicates")))
     console.print(table)
     for r in report.results:
         if r.changes:  # with --no-repair, ok files can list the repairs they need
@@ -441,7 +449,18 @@ LessonDataArg = Annotated[
     Optional[Path],
     typer.Argument(help="Dataset folder (one sub-folder of images per class); omitted: the embedded digits.", show_default=False),
 ]
-LessonSeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data, the split and the training.")]
+
+
+def _lesson_seed(seed: int) -> int:
+    """--seed of the lessons, checked as DataConfig checks a seed (the lessons import nothing from ursa)."""
+    from ursa.config import MAX_SEED
+    from ursa.errors import LessonError
+
+    check_number(seed, "--seed", LessonError, integer=True, at_least=0, at_most=MAX_SEED)
+    return seed
+
+
+LessonSeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data, the split and the training.", callback=_lesson_seed)]
 LessonSizeOpt = Annotated[int, typer.Option("--size", help="With DATA: images are read as size x size grayscale pixels.")]
 
 
@@ -567,6 +586,7 @@ def lesson_sgd(
     from ursa.errors import LessonError
     from ursa.lessons.sgd import make_line, sgd_lesson
 
+    check_number(noise, "--noise", LessonError, at_least=0.0)  # the lesson checks the rest
     outs = {"out": _lesson_out(out, (".gif",))}
     if html:
         outs["html"] = out.with_suffix(".html")
@@ -657,6 +677,7 @@ def lesson_fit(
     from ursa.errors import LessonError
     from ursa.lessons.fit import fit_lesson, make_curve
 
+    check_number(noise, "--noise", LessonError, at_least=0.0)  # the lesson checks the rest
     outs = {"out": _lesson_out(out, (".png", ".svg", ".pdf"))}
     try:
         arrays = make_curve(n_train, n_valid, noise=noise, seed=seed)
@@ -710,6 +731,19 @@ Int8Opt = Annotated[bool, typer.Option("--int8", help="Use model.int8.onnx (an e
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnx (ONNX Runtime), torch (PyTorch on the safetensors weights) or auto.")]
 
 
+def _check_server(*, port: int, concurrency: int | None = None, threads: int | None = None, max_upload_mb: float | None = None) -> None:
+    """The web servers' options, checked before anything is printed or loaded.
+
+    Port 0 (any free port) is refused: the address printed must be the one a person can open.
+    """
+    from ursa.errors import ServeError
+
+    check_number(port, "--port", ServeError, integer=True, at_least=1, at_most=65535)
+    check_number(concurrency, "--concurrency", ServeError, integer=True, at_least=1, optional=True, hint="Leave it out for one per core, at most 4.")
+    check_number(threads, "--threads", ServeError, integer=True, at_least=1, optional=True, hint="Leave it out for cores / concurrency.")
+    check_number(max_upload_mb, "--max-upload-mb", ServeError, above=0.0, optional=True, unit="MiB")
+
+
 @app.command("export")
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="Training run folder written by `ursa train` (e.g. runs/bears).", show_default=False)],
@@ -722,8 +756,10 @@ def export_cmd(
     """Write a safe, portable model folder: model.safetensors + model.json + model.onnx (+ model.int8.onnx), checked on real images."""
     from rich.table import Table
 
+    from ursa.errors import ExportError
     from ursa.export import export_run
 
+    check_number(opset, "--opset", ExportError, integer=True, at_least=7, hint="Try 17 (the default).")  # 7: the oldest PyTorch writes
     res = export_run(run, out, int8=int8, data_root=data, open_set_quantile=open_set_quantile, opset=opset,
                      on_step=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))  # fmt: skip
     m = res.meta
@@ -760,8 +796,8 @@ def predict_cmd(
     from ursa.errors import ExportError
     from ursa.export import expand_image_paths, load_model, predict_paths, write_predictions_csv
 
-    if top_k < 1:
-        raise ExportError(f"--top-k must be at least 1, got {top_k}.")
+    check_number(top_k, "--top-k", ExportError, integer=True, at_least=1)
+    check_number(threads, "--threads", ExportError, integer=True, at_least=1, optional=True, hint="Leave it out for ONNX Runtime's own choice.")
     if csv_out is not None and csv_out.is_dir():
         raise ExportError(f"--csv {csv_out} is a folder. Pass a file name such as {csv_out / 'preds.csv'}.")
     predictor = load_model(model, backend=backend, precision="int8" if int8 else "fp32", threads=threads, open_set=open_set)
@@ -798,15 +834,21 @@ def serve_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime threads per prediction (default: cores / concurrency).")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest upload accepted, in MiB.")] = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No access log.")] = False,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="URSA_TOKEN", show_envvar=True, help="Token clients must send (Authorization: Bearer, or ?token= in the page's address); generated when --host is not loopback.")] = None,
 ) -> None:
     """Serve a web page and a JSON API (POST /predict, GET /health, GET /model, /docs) for an exported model."""
     from ursa.web.predict_app import serve
+    from ursa.web.security import is_loopback, resolve_token
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]note:[/] binding {host}: other machines can reach this server.", highlight=False)
-    console.print(f"serving {model} at http://{host}:{port}/  (API docs at /docs; Ctrl-C stops)", highlight=False)
+    _check_server(port=port, concurrency=concurrency, threads=threads, max_upload_mb=max_upload_mb)
+    token = resolve_token(host, token)
+    if not is_loopback(host):
+        err_console.print(f"[yellow]note:[/] binding {host}: other machines can reach this server; they need the token in the address below "
+                          "(or the header 'Authorization: Bearer TOKEN').", highlight=False)  # fmt: skip
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"serving {model} at http://{shown}:{port}/{'?token=' + token if token else ''}  (API docs at /docs; Ctrl-C stops)", highlight=False, soft_wrap=True)
     serve(model, host=host, port=port, concurrency=concurrency, threads=threads, max_upload_bytes=int(max_upload_mb * 2**20),
-          backend=backend, precision="int8" if int8 else "fp32", access_log=not quiet)  # fmt: skip
+          backend=backend, precision="int8" if int8 else "fp32", access_log=not quiet, token=token)  # fmt: skip
 
 
 # ---- interpret / issues / review (issue 4) ----
@@ -826,8 +868,8 @@ def interpret_cmd(
     from ursa.errors import InterpretError
     from ursa.interpret.analysis import ClassificationInterpretation
 
-    if top < 1 or min_val < 1:
-        raise InterpretError("--top and --min-val must be at least 1.")
+    check_number(top, "--top", InterpretError, integer=True, at_least=1)
+    check_number(min_val, "--min-val", InterpretError, integer=True, at_least=1)
     interp = ClassificationInterpretation.from_run(run)
     interp.plot_confusion_matrix(normalize=normalize, out=run / "confusion.png")
     interp.plot_top_losses(top, out=run / "top_losses.png")
@@ -861,8 +903,8 @@ def issues_cmd(
     from ursa.errors import InterpretError
     from ursa.interpret.issues import KINDS, find_issues
 
-    if folds < 2 or not 0.0 < near <= 1.0:
-        raise InterpretError("--folds must be at least 2 and --near in (0, 1].")
+    check_number(folds, "--folds", InterpretError, integer=True, at_least=2)
+    check_number(near, "--near", InterpretError, above=0.0, at_most=1.0, hint="Try 0.95 (the default).")
     with console.status("searching...") as status:
         rep = find_issues(run, folds=folds, near_threshold=near, quality=quality, progress=lambda msg: status.update(f"searching: {msg}"))
     s = rep.summary
@@ -898,12 +940,15 @@ def review_cmd(
     from ursa.errors import ReviewError
     from ursa.review import Review
 
+    _check_server(port=port)
     if apply and undo:
         raise ReviewError("pass --apply or --undo, not both.")
     if apply or undo:
         rv = Review(data)
         if apply:
             line = rv.apply()
+            if line.get("resumed") or line.get("finished"):
+                console.print(f"finished the interrupted apply {line['id'] if line.get('resumed') else line['finished']}", highlight=False)
             c = line["counts"]
             console.print(f"applied: {c['relabel']} relabelled, {c['delete']} moved to {data / '.ursa' / 'quarantine'}, {c['keep']} kept", highlight=False)
             console.print(f"wrote {data / line['csv']['path']} ({line['n_images']} images)" + (f"; the previous version is in {data / line['csv']['backup']}" if line["csv"]["backup"] else ""), highlight=False)
@@ -919,11 +964,10 @@ def review_cmd(
 
         console.print(f"{run / 'issues.csv'} is missing; searching first...", highlight=False)
         find_issues(run)
-    import uvicorn
-
     from ursa.web.review_app import create_review_app
+    from ursa.web.server import run as run_server
 
-    review_app = create_review_app(data, run)
+    review_app = create_review_app(data, run)  # loopback only, behind the Host/Origin/JSON checks
     url = f"http://127.0.0.1:{port}/"
     console.print(f"review page at {url}  (decisions are saved as you make them; Ctrl-C stops)", highlight=False)
     if not no_browser:
@@ -931,7 +975,7 @@ def review_cmd(
         import webbrowser
 
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
-    uvicorn.run(review_app, host="127.0.0.1", port=port, log_level="warning")
+    run_server(review_app, host="127.0.0.1", port=port, log_level="warning", limit_concurrency=64)
 
 
 # ---- scale out (issue 7) ----
@@ -960,8 +1004,7 @@ def _scale_out(cfg, *, nproc: int, device: str, precision: str):  # noqa: ANN001
     from ursa.errors import TrainError
     from ursa.train import distributed as dist
 
-    if nproc < 1:
-        raise TrainError(f"--nproc must be at least 1 (got {nproc}); use --nproc 2 for two processes.")
+    check_number(nproc, "--nproc", TrainError, integer=True, at_least=1, hint="Use --nproc 2 for two processes.")
     if device not in ("auto", "cpu", "cuda"):
         raise TrainError(f"--device {device} is not a device; use auto, cpu or cuda.")
     if precision not in dist.PRECISIONS:

@@ -1,16 +1,120 @@
 """Frozen dataclasses, one per stage. The CLI fills them; library functions take them.
 
 Each field has one comment saying what it means and its unit. Defaults are the recipe a user gets
-when they pass nothing.
+when they pass nothing, and the CLI's defaults are read from them.
+
+Each dataclass checks its fields when it is made (`__post_init__`, as httpx's `Timeout` does), so a bad
+value fails at once with the stage's UrsaError, whether it came from the CLI, from Python or from a
+run's config.json, instead of hanging (a semaphore of 0), being replaced by a default (a size of 0) or
+failing deep inside a library. The message names the field and its CLI option, the value and the
+allowed range. `check_number` is the one check, also used by the CLI for options no config carries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict"]
+from ursa.errors import CollectError, DataError, TrainError, UrsaError, VerifyError
+
+__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict", "check_number", "MAX_PIXELS"]
+
+MAX_SEED = 2**32 - 1  # seeds run from 0 to 2**32 - 1, as NumPy's and scikit-learn's
+HEADS = ("lbfgs", "one_cycle")  # head solvers of the default recipe
+# Largest width x height any stage decodes (download, verify, training, serving): one limit, so an image one
+# stage keeps is never one another refuses. A 40 MP photo passes; a decompression bomb does not. Re-exported
+# by ursa.data.images, which enforces it.
+MAX_PIXELS = 40_000_000
+
+
+def check_number(
+    value: Any,
+    name: str,
+    error: type[UrsaError],
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    optional: bool = False,
+    unit: str = "",
+    hint: str = "",
+) -> None:
+    """Raise `error` unless `value` is a finite number (a whole one with `integer`) within the bounds.
+
+    `name` is what the user typed or set ("--port", "--size (TrainConfig.size)"); `optional` lets None
+    through (None means "not given" to every caller); `unit` follows the bounds in the message and
+    `hint` ends it (what to pass instead). Bools are refused: True is not a count.
+    """
+    if value is None and optional:
+        return
+    low, low_open = (above, True) if above is not None else (at_least, False)
+    high, high_open = (below, True) if below is not None else (at_most, False)
+    allowed = _allowed(low, low_open, high, high_open, unit)
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
+        what = "a whole number" if integer else "a finite number"
+        raise error(_message(name, f"{what}{f' ({allowed})' if allowed else ''}", value, hint))
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise error(_message(name, allowed, value, hint))
+
+
+def _allowed(low: float | None, low_open: bool, high: float | None, high_open: bool, unit: str) -> str:
+    """The bounds in words: "at least 1", "greater than 0 seconds", "from 1 to 65535", "between 0 and 1 (exclusive)"."""
+    u = f" {unit}" if unit else ""
+    lo = f"{'greater than' if low_open else 'at least'} {_num(low)}"
+    hi = f"{'less than' if high_open else 'at most'} {_num(high)}"
+    if low is None and high is None:
+        return ""
+    if high is None or low is None:
+        return f"{lo if high is None else hi}{u}"
+    if low_open == high_open:
+        return f"between {_num(low)} and {_num(high)}{u} (exclusive)" if low_open else f"from {_num(low)} to {_num(high)}{u}"
+    return f"{lo} and {hi}{u}"
+
+
+def _num(x: float | None) -> str:
+    return str(x) if x is None or isinstance(x, int) else f"{x:g}"
+
+
+def _message(name: str, allowed: str, value: Any, hint: str) -> str:
+    return f"{name} must be {allowed}, got {value!r}." + (f" {hint}" if hint else "")
+
+
+def _label(cfg: Any, name: str, option: str | None) -> str:
+    """How a field is named in messages: its CLI option, then where it lives in Python."""
+    where = f"{type(cfg).__name__}.{name}"
+    return f"{option} ({where})" if option else where
+
+
+def _number(cfg: Any, error: type[UrsaError], name: str, option: str | None, **bounds: Any) -> None:
+    check_number(getattr(cfg, name), _label(cfg, name, option), error, **bounds)
+
+
+def _flag(cfg: Any, error: type[UrsaError], name: str, option: str | None) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise error(_message(_label(cfg, name, option), "True or False", value, ""))
+
+
+def _text(cfg: Any, error: type[UrsaError], name: str, option: str | None, *, optional: bool = False, choices: tuple[str, ...] = ()) -> None:
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    if isinstance(value, os.PathLike):  # a pathlib.Path from Python: kept as str, so config.json can hold it
+        value = os.fspath(value)
+        object.__setattr__(cfg, name, value)
+    if choices and value not in choices:
+        raise error(_message(_label(cfg, name, option), f"one of {', '.join(map(repr, choices))}", value, ""))
+    if not isinstance(value, str) or not value:
+        raise error(_message(_label(cfg, name, option), "a non-empty string" + (" or None" if optional else ""), value, ""))
 
 
 @dataclass(frozen=True)
@@ -24,6 +128,14 @@ class DataConfig:
     seed: int = 42  # seeds the split, the augmentations and the training
     flip: bool = True  # horizontal flips in augmentation (turn off for digits, text, left/right classes)
     allow_new_labels: bool = False  # accept CSV labels that are not class folders under the root
+
+    def __post_init__(self) -> None:
+        for name in ("train", "valid", "labels"):
+            _text(self, DataError, name, f"--{name}", optional=True)
+        _number(self, DataError, "valid_pct", "--valid-pct", above=0.0, below=1.0, hint="Try 0.2 for 20%.")
+        _number(self, DataError, "seed", "--seed", integer=True, at_least=0, at_most=MAX_SEED)
+        _flag(self, DataError, "flip", "--flip/--no-flip")
+        _flag(self, DataError, "allow_new_labels", "--allow-new-labels")
 
 
 @dataclass(frozen=True)
@@ -40,10 +152,30 @@ class TrainConfig:
     fine_tune: int = 0  # epochs of full fine-tuning after the cached stage (unfrozen, discriminative lrs)
     fine_tune_lr: float = 1e-4  # peak learning rate of the head in full fine-tuning (the body gets 1/10 and 1/100)
     size: int | None = None  # input side in pixels; None: the backbone's own (224 for EfficientNet-Lite0)
-    batch_size: int = 64  # images per batch for feature extraction and fine-tuning
+    batch_size: int = 32  # images per batch for feature extraction and fine-tuning (shared out among DDP ranks)
     threads: int | None = None  # torch CPU threads; None: all cores
     tta: bool = True  # average plain and flipped views when evaluating (only with DataConfig.flip)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form options recorded in config.json
+
+    def __post_init__(self) -> None:
+        e = TrainError
+        _text(self, e, "arch", "--arch")
+        _text(self, e, "weights", "--weights", optional=True)  # a path
+        _text(self, e, "head", "--head", choices=HEADS)
+        _number(self, e, "c", "--c", above=0.0, hint="Try 0.5 (the default).")
+        _number(self, e, "epochs", "--epochs", integer=True, at_least=1)
+        _number(self, e, "lr", "--lr", above=0.0, optional=True, hint="Leave it out for 3e-3, or run `ursa lr-find`.")
+        _number(self, e, "views", "--views", integer=True, at_least=0)
+        _number(self, e, "fine_tune", "--fine-tune", integer=True, at_least=0, unit="epochs")
+        _number(self, e, "fine_tune_lr", "--fine-tune-lr", above=0.0, hint="Try 1e-4 (the default).")
+        # at 32 px a backbone that downsamples 32x still leaves a 1x1 feature map; 2048 catches typos
+        _number(self, e, "size", "--size", integer=True, at_least=32, at_most=2048, unit="pixels", optional=True,
+                hint="Leave it out to use the backbone's own (224 for efficientnet_lite0).")  # fmt: skip
+        _number(self, e, "batch_size", "--bs", integer=True, at_least=1)
+        _number(self, e, "threads", "--threads", integer=True, at_least=1, optional=True, hint="Leave it out to use every core.")
+        _flag(self, e, "tta", None)
+        if not isinstance(self.extra, dict):
+            raise e(_message(_label(self, "extra", None), "a dict", self.extra, ""))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -71,10 +203,26 @@ class CollectConfig:
     backoff: float = 0.25  # seconds before the first retry, doubled for each further retry (or the server's Retry-After, up to 30 s)
     max_redirects: int = 5  # redirects followed per URL before it fails
     max_bytes: int = 20 * 2**20  # largest response body kept, in bytes (20 MiB)
-    max_pixels: int = 89_478_485  # largest width x height accepted (Pillow's decompression-bomb limit)
+    max_pixels: int = MAX_PIXELS  # largest width x height accepted (decompression-bomb guard); larger images fail
     user_agent: str = _BROWSER_UA  # User-Agent header sent with every request
     retry_failed: bool = False  # also try again the URLs an earlier run recorded as failed
     processes: int | None = None  # processes doing the HTTP work, this one included (None: up to 4 by CPU count, for 400+ URLs; 1: this one only)
+
+    def __post_init__(self) -> None:
+        e = CollectError
+        _number(self, e, "max_images", "--max", integer=True, at_least=1, optional=True)
+        _number(self, e, "concurrency", "--concurrency", integer=True, at_least=1)
+        _number(self, e, "per_host", "--per-host", integer=True, at_least=1)
+        _number(self, e, "timeout", "--timeout", above=0.0, unit="seconds")
+        _number(self, e, "total_timeout", None, above=0.0, unit="seconds")
+        _number(self, e, "retries", None, integer=True, at_least=0)
+        _number(self, e, "backoff", None, at_least=0.0, unit="seconds")
+        _number(self, e, "max_redirects", None, integer=True, at_least=0)
+        _number(self, e, "max_bytes", None, integer=True, at_least=1)
+        _number(self, e, "max_pixels", None, integer=True, at_least=1)
+        _text(self, e, "user_agent", None)
+        _flag(self, e, "retry_failed", "--retry-failed")
+        _number(self, e, "processes", "--processes", integer=True, at_least=1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -82,6 +230,14 @@ class VerifyConfig:
     """How a dataset folder is checked and repaired. See `ursa.verify`."""
 
     max_size: int | None = None  # longest side in pixels; larger images are shrunk to it (None: keep sizes)
-    max_pixels: int = 89_478_485  # largest width x height decoded; larger files are quarantined as decompression bombs
+    max_pixels: int = MAX_PIXELS  # largest width x height decoded; larger files are quarantined as decompression bombs
     quality: int = 90  # JPEG/WebP quality (1-95) used when a repaired or shrunk image is written again
     repair: bool = True  # fix orientation, colour mode and truncation; False: only report and quarantine
+
+    def __post_init__(self) -> None:
+        e = VerifyError
+        _number(self, e, "max_size", "--max-size", integer=True, at_least=16, unit="pixels", optional=True,
+                hint="Give the longest side in pixels, e.g. 500, or leave it out to keep sizes.")  # fmt: skip
+        _number(self, e, "max_pixels", None, integer=True, at_least=1)
+        _number(self, e, "quality", None, integer=True, at_least=1, at_most=95)
+        _flag(self, e, "repair", "--repair/--no-repair")

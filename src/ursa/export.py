@@ -5,15 +5,19 @@ An export folder holds plain data only, so loading it never runs code from the f
 ```
 models/bears/
   model.json          metadata: classes, architecture, preprocessing, open-set threshold, metrics,
-                      library versions, and the sha256 of every other file
+                      library versions, the sha256 of every other file, and `content_sha256`: the
+                      sha256 of model.json's own content (canonical JSON without that key)
   model.safetensors   weights of nn.Sequential(backbone, head) (tensors only)
   model.onnx          the same network as an ONNX graph (float32), checked against PyTorch
   model.int8.onnx     optional: statically quantized (QDQ, per-channel int8) copy
 ```
 
 `export_run` builds the folder from a training run; `load_model` / `Predictor` read it back, refusing a
-folder whose files do not match the hashes in model.json (tampered, truncated or swapped) or whose
-model.json is not Ursa's. Prediction runs ONNX Runtime by default and PyTorch as the fallback; both use
+folder whose files do not match the hashes in model.json (tampered, truncated or swapped), whose
+model.json was edited (a lowered open-set threshold, a renamed class), that holds any file model.json
+does not list, or whose model.json is not Ursa's. `content_sha256` covers model.json and, through the
+hashes it lists, every file: one value names the whole folder. It detects edits and stray files; it is
+not a signature (whoever can write the folder can rewrite it), so load models from sources you trust. Prediction runs ONNX Runtime by default and PyTorch as the fallback; both use
 the one preprocessing function here, which reproduces training's evaluation transform
 (`ursa.data.transforms.open_image` + `eval_transform`) with Pillow and numpy only, so serving needs
 neither torch nor torchvision.
@@ -44,7 +48,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, eval_min_side, to_rgb, upright_rgb
+from ursa.data.images import MAX_PIXELS, draft_jpeg, eval_crop_mode, eval_geometry, eval_input, eval_min_side, to_rgb, upright_rgb
 from ursa.errors import ExportError, UrsaError
 
 __all__ = [
@@ -70,10 +74,9 @@ __all__ = [
 ]
 
 FORMAT = "ursa.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.json carries content_sha256, and the folder holds only the files it lists
 NONE_OF_THESE = "none of these"  # the label of a prediction under the open-set threshold
 ONNX_TOLERANCE = 1e-4  # largest |logit difference| allowed between ONNX Runtime and PyTorch at export
-MAX_PIXELS = 40_000_000  # default decode limit (width x height): a 40 MP photo passes, a decompression bomb not
 _ONNX_FILE, _INT8_FILE, _WEIGHTS_FILE, _META_FILE = "model.onnx", "model.int8.onnx", "model.safetensors", "model.json"
 _HEAD_KEYS = ("1.bn.weight", "1.bn.bias", "1.bn.running_mean", "1.bn.running_var", "1.fc.weight", "1.fc.bias")
 
@@ -221,13 +224,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _content_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of model.json's content: its canonical JSON (sorted keys, no spaces, UTF-8) without the
+    `content_sha256` key itself. Canonical, so it is the content that is hashed, not the file's layout."""
+    body = {k: v for k, v in meta.items() if k != "content_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
 def read_export(folder: str | os.PathLike[str], *, files: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Read model.json and the bytes of the listed `files` (default: all it lists), each checked
     against its recorded size and sha256. Returns (metadata, {file name: bytes}).
 
     The bytes returned are the bytes hashed, so nothing can change between check and use. Raises
     ExportError for a missing folder or file, a model.json that is not an Ursa export of a supported
-    version, or a file whose hash differs (tampered, truncated or swapped).
+    version or whose content does not match its `content_sha256` (edited), a file in the folder that
+    model.json does not list (foreign), or a file whose hash differs (tampered, truncated or swapped).
+    An export of format version 1 (before model.json was hashed) is refused with the fix: export again.
     """
     folder = Path(folder)
     meta_path = folder / _META_FILE
@@ -241,11 +253,24 @@ def read_export(folder: str | os.PathLike[str], *, files: Sequence[str] | None =
         raise ExportError(f"{meta_path} is not valid JSON ({exc}). The folder is damaged: export the run again.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportError(f"{meta_path} is not an Ursa model description (no \"format\": \"{FORMAT}\"). Export the model with `ursa export`.")
+    if meta.get("format_version") == 1:
+        # Not read with the old rules: anyone could then skip the checks below by writing version 1.
+        raise ExportError(f"{folder} was exported by an earlier Ursa (format version 1), whose model.json carries no hash of its own content, so edits to it cannot be detected. Export the run again with this Ursa: ursa export runs/NAME --out NEW_FOLDER")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{meta_path} has format version {meta.get('format_version')!r}; this Ursa reads version {FORMAT_VERSION}. Export the run again with this Ursa.")
+    if meta.get("content_sha256") != _content_sha256(meta):
+        raise ExportError(f"{meta_path} was edited after export: its content does not match its content_sha256 (a changed class name, threshold or hash is refused). Export the run again; do not load models from an untrusted source.")
     listed = meta.get("files")
     if not isinstance(listed, dict) or _WEIGHTS_FILE not in listed:
         raise ExportError(f"{meta_path} lists no file hashes. Export the run again.")
+    for entry in sorted(folder.iterdir()):
+        if entry.name != _META_FILE and entry.name not in listed:
+            raise ExportError(f"{entry} is not part of this export: {_META_FILE} does not list it, and an export folder holds only the files it lists. Remove it from the folder (or export the run again into a new folder).")
+    for name in listed:
+        if not isinstance(name, str) or Path(name).name != name or name in (_META_FILE, ".", ".."):
+            raise ExportError(f"{meta_path} lists {name!r}, which is not a file name of an export folder. Export the run again.")
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name} is missing. The export folder is incomplete: export the run again.")
     out: dict[str, bytes] = {}
     for name in files if files is not None else list(listed):
         rec = listed.get(name)
@@ -614,8 +639,9 @@ def export_run(
     if int8_bytes is not None:
         files[_INT8_FILE] = int8_bytes
     meta["files"] = {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in files.items()}
+    meta["content_sha256"] = _content_sha256(meta)  # last: it covers everything above, the file hashes included
     _write_folder(out, files, meta)
-    say(f"wrote {out}")
+    say(f"wrote {out} (content_sha256 {meta['content_sha256']}: it covers model.json and every file)")
     return ExportResult(out, meta)
 
 

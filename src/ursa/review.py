@@ -8,9 +8,12 @@ Applying the pending decisions:
 - writes `<root>/cleaned.csv` (`name,label`, names relative to the root) listing every image that
   stays, with its new label; an existing cleaned.csv is first copied to `.ursa/review/backups/`;
 - moves each "deleted" image to `<root>/.ursa/quarantine/<name>` (never deletes a file);
-- records the whole plan in the journal *before* touching anything, so `undo_apply` can always
-  restore the dataset byte for byte (files are moved back, verified by sha256; cleaned.csv is put back
-  as it was, or set aside if there was none).
+- records the whole plan in the journal *before* touching anything (an "apply" line listing every
+  move with its sha256, and the new cleaned.csv staged in `.ursa/review/`), and an "applied" line once
+  the last move is made and cleaned.csv is in place. An apply that was killed in between is finished by
+  the next `apply` (the moves not yet made, each file checked against its sha256, then cleaned.csv), and
+  `undo_apply` can always restore the dataset byte for byte, finished or not (files are moved back,
+  verified by sha256; cleaned.csv is put back as it was, or set aside if there was none).
 
 Each image also has a version (how many journal lines touched it). A decision made from a stale view
 (another tab or person decided first) is refused with `ReviewConflict` and changes nothing.
@@ -19,6 +22,7 @@ Each image also has a version (how many journal lines touched it). A decision ma
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -30,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ursa._io import atomic_write_bytes, sha256_file
+from ursa._io import atomic_write_bytes, dataset_lock, sha256_file
 from ursa.errors import ReviewError
 
 try:  # POSIX: a file lock also keeps two processes (two servers, a server and the CLI) in step
@@ -68,6 +72,7 @@ class ReviewState:
     pending: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> its decision lines, latest last
     versions: dict[str, int] = field(default_factory=dict)  # name -> journal lines that touched it
     applies: list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]] = field(default_factory=list)  # (apply line, pending before it)
+    unfinished: dict[str, Any] | None = None  # an apply line with no "applied" line yet (the process was killed)
     seq: int = 0  # last sequence number used
 
     def decision(self, name: str) -> dict[str, Any] | None:
@@ -192,7 +197,15 @@ class Review:
                 for n in st.pending:
                     st.versions[n] = st.versions.get(n, 0) + 1
                 st.pending = {}
+                # An apply line that stages cleaned.csv is followed by an "applied" line once it is done;
+                # older apply lines had no such line and count as done (undo still restores them).
+                st.unfinished = ln if ln.get("csv", {}).get("staged") else None
+            elif op == "applied":
+                if st.unfinished is not None and st.unfinished["id"] == ln.get("id"):
+                    st.unfinished = None
             elif op in ("unapply", "rollback"):
+                if st.unfinished is not None and st.unfinished["id"] == ln.get("id"):
+                    st.unfinished = None
                 if st.applies and st.applies[-1][0]["id"] == ln["id"]:
                     _, st.pending = st.applies.pop()
                     for n in st.pending:
@@ -239,11 +252,22 @@ class Review:
 
     # ---- apply / undo ------------------------------------------------------------------------------
     def apply(self) -> dict[str, Any]:
-        """Apply every pending decision (see the module docstring). Returns the journal's apply line."""
-        with self.locked():
+        """Apply every pending decision (see the module docstring). Returns the journal's apply line.
+
+        An apply that was interrupted (killed between its plan and its "applied" line) is finished first;
+        with no decision pending since, its line is returned, marked `"resumed": True`; otherwise the new
+        apply's line is returned with `"finished"`: the id of the apply that was finished first.
+        """
+        with self.locked(), dataset_lock(self.root, "review --apply", error=ReviewError):
             st = self.state()
+            resumed = None
+            if st.unfinished is not None:
+                resumed = self._finish(st.unfinished, seq=st.seq + 1)
+                st = self.state()
             decisions = st.decisions()
             if not decisions:
+                if resumed is not None:
+                    return {**resumed, "resumed": True}
                 raise ReviewError("nothing to apply: no pending decisions. Review images first (`ursa review DATA --run RUN`).")
             labels = dataset_labels(self.root)
             gone = sorted(n for n in decisions if n not in labels)
@@ -271,45 +295,87 @@ class Review:
             w.writerow(["name", "label"])
             w.writerows(sorted(labels.items()))
             data = buf.getvalue().encode("utf-8")
-            import hashlib
-
+            # The new cleaned.csv waits beside the journal until the moves are made, so a killed apply can be finished.
+            staged = (REVIEW_DIR / f"cleaned-{apply_id}.staged.csv").as_posix()
+            atomic_write_bytes(self.root / staged, data)
+            if backup is not None:
+                shutil.copymode(self.root / backup, self.root / staged)  # the new cleaned.csv keeps the old one's mode
             line = {
                 "seq": st.seq + 1, "at": _now(), "op": "apply", "id": apply_id,
                 "decisions": [d["seq"] for d in decisions.values()],
                 "moves": moves,
-                "csv": {"path": CLEANED_CSV, "backup": backup, "sha256": hashlib.sha256(data).hexdigest()},
+                "csv": {"path": CLEANED_CSV, "backup": backup, "sha256": hashlib.sha256(data).hexdigest(), "staged": staged},
                 "counts": {a: sum(1 for d in decisions.values() if d["action"] == a) for a in ACTIONS},
                 "n_images": len(labels),
             }
             self._append(line)  # the plan is on disk before anything moves
-            done: list[dict[str, Any]] = []
-            try:
-                for mv in moves:
-                    dst = self.root / mv["to"]
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(self.root / mv["name"], dst)
-                    done.append(mv)
-                atomic_write_bytes(csv_path, data)
-            except OSError as exc:
-                for mv in reversed(done):
-                    os.replace(self.root / mv["to"], self.root / mv["name"])
-                if backup is not None:
-                    atomic_write_bytes(csv_path, (self.root / backup).read_bytes())
-                self._append({"seq": st.seq + 2, "at": _now(), "op": "rollback", "id": apply_id, "reason": str(exc)})
-                raise ReviewError(f"applying failed and was rolled back: {exc}. Check the dataset folder is writable, then apply again.") from None
-            return line
+            out = self._finish(line, seq=st.seq + 2)
+            return {**out, "finished": resumed["id"]} if resumed is not None else out
+
+    def _finish(self, line: dict[str, Any], *, seq: int) -> dict[str, Any]:
+        """Make the moves of apply `line` not made yet, put its staged cleaned.csv in place, and write its
+        "applied" line. Idempotent: a killed run of this is finished by the next. Every file is checked
+        (by presence and sha256) before anything moves; a file that is not where and what the plan says
+        stops it with nothing changed. An OSError while moving rolls the whole apply back."""
+        todo = []
+        for mv in line["moves"]:
+            src, dst = self.root / mv["name"], self.root / mv["to"]
+            if dst.is_file() and not src.exists():
+                if sha256_file(dst) != mv["sha256"]:
+                    raise ReviewError(f"{dst} was changed after it was quarantined by the interrupted apply {line['id']}; restore it by hand to {src}. Nothing was changed.")
+            elif src.is_file() and not dst.exists():
+                if sha256_file(src) != mv["sha256"]:
+                    raise ReviewError(f"{src} changed after the apply {line['id']} was planned, so it is not moved unseen. Undo that apply (`ursa review DATA --undo`) and decide again. Nothing was changed.")
+                todo.append(mv)
+            else:
+                raise ReviewError(f"cannot finish the interrupted apply {line['id']}: {mv['name']} should be at {src} or {dst} (only one of them). Put it back, or undo that apply (`ursa review DATA --undo`). Nothing was changed.")
+        csv_path, staged = self.root / line["csv"]["path"], self.root / line["csv"]["staged"]
+        if staged.is_file():
+            if sha256_file(staged) != line["csv"]["sha256"]:
+                raise ReviewError(f"{staged} (the cleaned.csv staged by apply {line['id']}) was changed. Undo that apply (`ursa review DATA --undo`) and apply again. Nothing was changed.")
+        elif not (csv_path.is_file() and sha256_file(csv_path) == line["csv"]["sha256"]):
+            raise ReviewError(f"cannot finish the interrupted apply {line['id']}: its staged cleaned.csv {staged} is gone. Undo that apply (`ursa review DATA --undo`) and apply again. Nothing was changed.")
+        try:
+            for mv in todo:
+                dst = self.root / mv["to"]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.root / mv["name"], dst)
+            if staged.is_file():
+                os.replace(staged, csv_path)
+        except OSError as exc:
+            self._roll_back(line, seq=seq, reason=str(exc))
+            raise ReviewError(f"applying failed and was rolled back: {exc}. Check the dataset folder is writable, then apply again.") from None
+        self._append({"seq": seq, "at": _now(), "op": "applied", "id": line["id"]})
+        return line
+
+    def _roll_back(self, line: dict[str, Any], *, seq: int, reason: str) -> None:
+        """Move back every file apply `line` moved, put cleaned.csv back, and write a "rollback" line."""
+        for mv in reversed(line["moves"]):
+            src, dst = self.root / mv["name"], self.root / mv["to"]
+            if dst.is_file() and not src.exists():
+                os.replace(dst, src)
+        csv_path, backup = self.root / line["csv"]["path"], line["csv"]["backup"]
+        if csv_path.is_file() and sha256_file(csv_path) == line["csv"]["sha256"]:  # the new one got in place
+            if backup is not None:
+                atomic_write_bytes(csv_path, (self.root / backup).read_bytes())
+                shutil.copystat(self.root / backup, csv_path)
+            else:
+                os.replace(csv_path, self.root / line["csv"]["staged"])  # back to where it waited; nothing is deleted
+        self._append({"seq": seq, "at": _now(), "op": "rollback", "id": line["id"], "reason": reason})
 
     def undo_apply(self) -> dict[str, Any]:
         """Undo the most recent apply: move quarantined files back, put cleaned.csv back as it was.
 
+        Also undoes an apply that was interrupted before it finished (only the files it moved go back).
         Checks every file first; if one cannot be restored safely nothing is changed. Returns the
         apply line that was undone. Its decisions become pending again.
         """
-        with self.locked():
+        with self.locked(), dataset_lock(self.root, "review --undo", error=ReviewError):
             st = self.state()
             if not st.applies:
                 raise ReviewError(f"nothing to undo: {self.root} has no applied review in {self.journal}.")
             line, _ = st.applies[-1]
+            unfinished = st.unfinished is not None and st.unfinished["id"] == line["id"]
             todo = []
             for mv in line["moves"]:
                 src, dst = self.root / mv["name"], self.root / mv["to"]
@@ -317,8 +383,8 @@ class Review:
                     if sha256_file(dst) != mv["sha256"]:
                         raise ReviewError(f"{dst} was changed after it was quarantined; restore it by hand to {src}. Nothing was undone.")
                     todo.append((dst, src))
-                elif src.is_file() and sha256_file(src) == mv["sha256"]:
-                    continue  # already back (an interrupted apply or undo)
+                elif src.is_file() and ((unfinished and not dst.exists()) or sha256_file(src) == mv["sha256"]):
+                    continue  # never moved (an interrupted apply) or already back (an interrupted undo)
                 else:
                     raise ReviewError(f"cannot restore {mv['name']}: expected it at {dst}. Nothing was undone.")
             csv_path = self.root / line["csv"]["path"]

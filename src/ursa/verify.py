@@ -13,6 +13,21 @@ across class folders too, and left in place for the split and the review to hand
 
 File names are not trusted: `00000145.jpg;w=960`, names without an extension and upper-case `.JPG` are all
 read by their content.
+
+What is not a file to check is skipped with a row saying why, never a crash and never changed: a dangling
+symlink, a symlink loop, a symlink to a folder (never followed: one back to the root would list every
+image twice) or to anything outside the root (verify changes files only under the root), a named pipe or
+device, a file that cannot be read. A symlink to a file inside the root is left as it is (its target is
+checked by its own path) and still counted in the duplicates, since training reads it as one more image.
+
+One run at a time: verify holds the dataset folder's lock (`ursa._io.dataset_lock`), as download does, so
+a verify during a download or a second verify stops at once with a message instead of changing files the
+other run is recording.
+
+Duplicates after an interrupted run: each repair's journal line records the hash of the bytes and of the
+upright pixels as found, so a file repaired by an earlier (perhaps killed) run is grouped by the picture
+it was, exactly as a run that saw it unrepaired would group it. A change is written to the journal before
+the file is touched, so no repair goes unrecorded.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,9 +47,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ursa._io import atomic_write_bytes
+from ursa._io import atomic_write_bytes, dataset_lock, file_mode
 from ursa.collect.manifest import META_DIR, Manifest
 from ursa.config import VerifyConfig
+from ursa.data.images import too_many_pixels
 from ursa.errors import VerifyError
 
 __all__ = [
@@ -60,8 +77,8 @@ class FileResult:
     """What happened to one file. `file` is relative to the root; `new_file` is set when a repair renamed it."""
 
     file: str
-    status: str  # "ok", "repaired" or "quarantined"
-    changes: list[str] = field(default_factory=list)  # repairs made, or the reason for quarantine
+    status: str  # "ok", "repaired", "quarantined" or "skipped" (left as it is: see the module docstring)
+    changes: list[str] = field(default_factory=list)  # repairs made, or the reason for quarantine or skipping
     sha256: str = ""  # of the bytes as found
     new_file: str | None = None
 
@@ -105,10 +122,10 @@ class VerifyReport:
         return sum(any(c.startswith("shrunk") for c in r.changes) for r in self.results)
 
     def by_label(self) -> dict[str, dict[str, int]]:
-        """Per class folder: files, ok, repaired, shrunk, quarantined, duplicates (its files that have an exact copy)."""
+        """Per class folder: files, ok, repaired, shrunk, quarantined, skipped, duplicates (its files that have an exact copy)."""
         table: dict[str, dict[str, int]] = {}
         for r in self.results:
-            row = table.setdefault(r.label, dict.fromkeys(("files", "ok", "repaired", "shrunk", "quarantined", "duplicates"), 0))
+            row = table.setdefault(r.label, dict.fromkeys(("files", "ok", "repaired", "shrunk", "quarantined", "skipped", "duplicates"), 0))
             row["files"] += 1
             row[r.status] += 1
             row["shrunk"] += any(c.startswith("shrunk") for c in r.changes)
@@ -140,15 +157,51 @@ def append_journal(root: str | os.PathLike[str], entry: dict[str, object]) -> No
 
 
 def find_files(root: str | os.PathLike[str]) -> list[Path]:
-    """Every file under `root` that could be an image, sorted; hidden files and folders and text files are left out."""
-    root = Path(root)
+    """Every file under `root` that could be an image, sorted; hidden files and folders and text files are left
+    out, and symlinked folders are not followed (they are listed, as links, among the files)."""
+    return _walk(Path(root))
+
+
+def _walk(root: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for name in filenames:
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: a folder symlink is not entered
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__" and d not in links)
+        for name in [*filenames, *links]:
             if not name.startswith(".") and Path(name).suffix.lower() not in _TEXT_SUFFIXES:
-                out.append(Path(dirpath) / name)
+                out.append(here / name)
     return sorted(out)
+
+
+def _what_it_is(root_abs: Path, path: Path) -> tuple[str, str]:
+    """("file", "") for a regular file to check; ("link", reason) for a symlink to a file inside the root
+    (read, never changed); ("skip", reason) for anything else (see the module docstring)."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return "skip", f"dangling symlink: its target {os.readlink(path)} does not exist. Remove the link or restore the file"
+        except (OSError, RuntimeError):
+            return "skip", "symlink loop: the link leads back to itself. Remove the link"
+        try:
+            inside = target.relative_to(root_abs).as_posix()
+        except ValueError:
+            inside = None
+        if target.is_dir():
+            if inside is not None:
+                return "skip", f"symlink to a folder inside the dataset ({inside or '.'}); not followed: its images are checked once, by their own path"
+            return "skip", f"symlink to a folder outside the dataset ({target}); not followed: verify changes files only under the dataset root"
+        if inside is None:
+            return "skip", f"symlink to a file outside the dataset ({target}); not checked: verify changes files only under the dataset root. Copy the file in to keep it"
+        return "link", f"symlink to {inside}; left as it is (the file is checked by its own path)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return "skip", f"cannot read: {exc.strerror or exc}. Fix its permissions and verify again"
+    if not stat.S_ISREG(mode):
+        return "skip", "not a regular file (a named pipe, socket or device); left in place"
+    return "file", ""
 
 
 @contextlib.contextmanager
@@ -176,9 +229,9 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str, list[str]]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or ""
-            w, h = img.size
-            if w * h > max_pixels:
-                raise _Unreadable(f"decompression bomb: {w}x{h} pixels is over the limit of {max_pixels:,}")
+            problem = too_many_pixels(*img.size, max_pixels)
+            if problem is not None:
+                raise _Unreadable(f"decompression bomb: {problem}")
             try:
                 img.load()
             except (OSError, SyntaxError, ValueError):
@@ -267,46 +320,88 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
+Identity = tuple[str, str]  # (sha256 of the bytes, hash of the upright pixels) of a picture as first found
+
+
 class _Verifier:
     def __init__(self, root: Path, cfg: VerifyConfig) -> None:
         self.root = root
+        self.root_abs = root.resolve()
         self.cfg = cfg
         self.manifest = Manifest.load(root) if (root / META_DIR / "manifest.csv").exists() else None
         self.rows_by_file = self.manifest.by_file() if self.manifest is not None else {}
         self.manifest_changed = False
+        self.repairs = _earlier_repairs(root)  # sha256 after a repair -> its journal line
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def check(self, path: Path) -> tuple[FileResult, str | None]:
-        """The file's result and its pixel hash (None when quarantined)."""
+    def check(self, path: Path) -> tuple[FileResult, Identity | None]:
+        """The file's result and the identity it is grouped by for duplicates (None when there is no picture)."""
         rel = self.rel(path)
-        data = path.read_bytes()
+        kind, reason = _what_it_is(self.root_abs, path)
+        if kind == "skip":
+            return FileResult(rel, "skipped", [reason]), None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return FileResult(rel, "skipped", [f"cannot read: {exc.strerror or exc}. Fix its permissions and verify again"]), None
         sha = hashlib.sha256(data).hexdigest()
         try:
             img, fmt, notes = _decode(data, self.cfg.max_pixels)
         except _Unreadable as exc:
+            if kind == "link":  # never moved: the file it points to is quarantined by its own path
+                return FileResult(rel, "skipped", [f"{reason}; not an image: {exc}"], sha), None
             self.quarantine(path, rel, str(exc))
             return FileResult(rel, "quarantined", [str(exc)], sha), None
         with img:
             upright, fixes = _normalise(img, data, fmt)
             pixels = _pixel_hash(upright)  # before shrinking, so sizes do not hide a duplicate
+            identity = self.identity(sha, pixels)
+            if kind == "link":
+                return FileResult(rel, "skipped", [reason], sha), identity
             fixed, shrunk = _shrink(upright, self.cfg.max_size)
             changes = notes + fixes + shrunk
             if not changes or not self.cfg.repair:
-                return FileResult(rel, "ok", changes if not self.cfg.repair else [], sha), pixels
-            new_rel = self.rewrite(path, rel, data, fixed, fmt, changes)
-        return FileResult(rel, "repaired", changes, sha, new_rel if new_rel != rel else None), pixels
+                return FileResult(rel, "ok", changes if not self.cfg.repair else [], sha), identity
+            new_rel = self.rewrite(path, rel, data, fixed, fmt, changes, pixels)
+        return FileResult(rel, "repaired", changes, sha, new_rel if new_rel != rel else None), identity
+
+    def identity(self, sha: str, pixels: str) -> Identity:
+        """(sha, pixels) of the picture as first found: for bytes an earlier repair wrote, those the repair
+        started from (following repairs of repairs), so an interrupted run groups duplicates as a whole one."""
+        seen = set()
+        while sha in self.repairs and sha not in seen:
+            seen.add(sha)
+            entry = self.repairs[sha]
+            before = str(entry.get("pixels") or "") or self._pixels_of_original(entry)
+            if not before:
+                break
+            sha, pixels = str(entry["sha256_before"]), before
+        return sha, pixels
+
+    def _pixels_of_original(self, entry: dict[str, object]) -> str:
+        """The pixel hash of a repair's original (journal lines written before they recorded it), or ''."""
+        try:
+            data = (self.root / str(entry["original"])).read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256_before"]:
+                return ""
+            img, fmt, _ = _decode(data, self.cfg.max_pixels)
+            with img:
+                return _pixel_hash(_normalise(img, data, fmt)[0])
+        except (KeyError, OSError, _Unreadable, ValueError):
+            return ""
 
     def quarantine(self, path: Path, rel: str, reason: str) -> None:
         target = _free_path(quarantine_dir(self.root) / rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
         moved_to = self.rel(target)
+        # the journal first: a run killed between the two lines leaves a line for a move not yet made, never a move without one
         append_journal(self.root, {"stage": "verify", "action": "quarantine", "file": rel, "to": moved_to, "reason": reason})
+        os.replace(path, target)
         self.update_rows(rel, status="quarantined", reason=f"verify: {reason} (moved to {moved_to})")
 
-    def rewrite(self, path: Path, rel: str, data: bytes, img: Image.Image, fmt: str, changes: list[str]) -> str:
+    def rewrite(self, path: Path, rel: str, data: bytes, img: Image.Image, fmt: str, changes: list[str], pixels: str) -> str:
         save_as = _SAVE_AS.get(fmt)
         new_path = path
         if save_as is None:  # GIF and the like cannot hold RGB: write a PNG beside it
@@ -315,20 +410,22 @@ class _Verifier:
             if new_path.exists():
                 new_path = _free_path(path.with_name(path.name + ".png"))
         new_bytes = _encode(img, save_as, self.cfg.quality)
+        mode = file_mode(path)  # the repaired file and the kept original get the original's permissions
         original = _free_path(quarantine_dir(self.root) / "originals" / rel)
-        atomic_write_bytes(original, data)  # the original is safe before anything is replaced
-        atomic_write_bytes(new_path, new_bytes)
-        if new_path != path:
-            path.unlink()  # its bytes are in `original`
+        atomic_write_bytes(original, data, mode=mode)  # the original is safe before anything is replaced
         new_rel = self.rel(new_path)
         reason = "; ".join(changes)
-        append_journal(self.root, {
+        entry: dict[str, object] = {
             "stage": "verify", "action": "repair", "file": rel, "new_file": new_rel, "original": self.rel(original),
             "reason": reason, "sha256_before": hashlib.sha256(data).hexdigest(),
-            "sha256_after": hashlib.sha256(new_bytes).hexdigest(),
-        })  # fmt: skip
-        self.update_rows(rel, file=new_rel, sha256=hashlib.sha256(new_bytes).hexdigest(), bytes=len(new_bytes),
-                         reason=f"verify: {reason}")  # fmt: skip
+            "sha256_after": hashlib.sha256(new_bytes).hexdigest(), "pixels": pixels,
+        }  # fmt: skip
+        append_journal(self.root, entry)  # before the file changes (see `quarantine`)
+        self.repairs[str(entry["sha256_after"])] = entry
+        atomic_write_bytes(new_path, new_bytes, mode=mode)
+        if new_path != path:
+            path.unlink()  # its bytes are in `original`
+        self.update_rows(rel, file=new_rel, sha256=entry["sha256_after"], bytes=len(new_bytes), reason=f"verify: {reason}")
         return new_rel
 
     def update_rows(self, rel: str, **values: object) -> None:
@@ -345,7 +442,28 @@ class _Verifier:
             self.manifest.save()
 
 
+def _earlier_repairs(root: Path) -> dict[str, dict[str, object]]:
+    """The journal's repair lines by the sha256 of the bytes they wrote (the latest wins). A torn last line
+    (a run killed mid-write) and lines of other kinds are passed over."""
+    out: dict[str, dict[str, object]] = {}
+    try:
+        text = journal_path(root).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        raise VerifyError(f"Cannot read the journal {str(journal_path(root))!r}: {exc.strerror or exc}. Fix its permissions, then run verify again.") from exc
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("action") == "repair" and entry.get("sha256_after") and entry.get("sha256_before"):
+            out[str(entry["sha256_after"])] = entry
+    return out
+
+
 def _duplicates(found: dict[str, list[tuple[str, str]]]) -> list[DuplicateGroup]:
+    """Groups of two or more files from pixel hash -> [(file, sha256 of its bytes as first found)]."""
     groups = []
     for members in found.values():
         if len(members) > 1:
@@ -364,7 +482,8 @@ def verify_folder(
     """Check every image under `root` (see the module docstring) and return what was done.
 
     `on_progress(done, total)` is called after each file. Raises `VerifyError` when `root` is not a folder
-    or holds no files to check, or when the quarantine or a repaired file cannot be written.
+    or holds no files to check, when a download or another verify is changing the folder right now (its
+    lock), or when the quarantine or a repaired file cannot be written.
     """
     root = Path(root)
     if not root.is_dir():
@@ -372,23 +491,34 @@ def verify_folder(
         raise VerifyError(f"{str(root)!r} {what}. Give the dataset folder, e.g. ursa verify data/bears.")
     if config.max_size is not None and config.max_size < 16:
         raise VerifyError(f"--max-size {config.max_size} is too small; give the longest side in pixels, e.g. 500.")
-    files = find_files(root)
-    if not files:
+    if not find_files(root):
         raise VerifyError(f"No files to check under {str(root)!r}. Download images first (ursa download / ursa search).")
+    try:
+        (root / META_DIR).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise VerifyError(f"Cannot create {str(root / META_DIR)!r}: {exc.strerror or exc}. verify moves and rewrites files under "
+                          f"{str(root)!r}; run it as a user who can write there.") from exc  # fmt: skip
+    with dataset_lock(root, "verify", error=VerifyError):
+        return _verify(root, config, on_progress)
+
+
+def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[int, int], None] | None) -> VerifyReport:
+    files = find_files(root)  # again, now that no download can be adding files
     verifier = _Verifier(root, config)
     report = VerifyReport(root=root, journal=journal_path(root))
     by_pixels: dict[str, list[tuple[str, str]]] = {}
     try:
         for i, path in enumerate(files, 1):
             try:
-                result, pixels = verifier.check(path)
-            except OSError as exc:
+                result, identity = verifier.check(path)
+            except OSError as exc:  # reading is checked per file (a skipped row); this is a failed move or write
                 raise VerifyError(
                     f"Cannot read or write {str(path)!r}: {exc.strerror or exc}. Check permissions and free space, then run verify again."
                 ) from exc
             report.results.append(result)
-            if pixels is not None:
-                by_pixels.setdefault(pixels, []).append((result.new_file or result.file, result.sha256))
+            if identity is not None:
+                sha, pixels = identity
+                by_pixels.setdefault(pixels, []).append((result.new_file or result.file, sha))
             if on_progress is not None:
                 on_progress(i, len(files))
     finally:

@@ -52,10 +52,11 @@ import httpcore
 import httpx
 from PIL import Image
 
-from ursa._io import atomic_write_bytes, atomic_write_text, make_durable, sha256_file
+from ursa._io import atomic_write_bytes, atomic_write_text, dataset_lock, make_durable, sha256_file
 from ursa.collect.manifest import META_DIR, Manifest
 from ursa.collect.urls import UrlList, is_http_url
-from ursa.config import CollectConfig
+from ursa.config import MAX_PIXELS, CollectConfig
+from ursa.data.images import too_many_pixels
 from ursa.errors import CollectError
 
 __all__ = [
@@ -148,11 +149,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def sniff_image(data: bytes, *, max_pixels: int = 89_478_485) -> tuple[str, int, int]:
+def sniff_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:
     """(extension, width, height) of an image given its bytes; reads only the header, never decodes pixels.
 
     Raises `NotAnImage` with a reason for empty bodies, HTML or other text, unknown formats, and headers
-    claiming more than `max_pixels` pixels (decompression bombs).
+    claiming more than `max_pixels` pixels (decompression bombs; the limit every stage shares by default).
     """
     if not data:
         raise NotAnImage("empty: the server sent 0 bytes")
@@ -181,7 +182,7 @@ def sniff_image(data: bytes, *, max_pixels: int = 89_478_485) -> tuple[str, int,
     except (OSError, SyntaxError, ValueError) as exc:
         raise NotAnImage(f"not an image: unreadable header ({exc})") from exc
     if w * h > max_pixels:
-        raise NotAnImage(f"decompression bomb: {w}x{h} pixels is over the limit of {max_pixels:,}")
+        raise NotAnImage(f"decompression bomb: {too_many_pixels(w, h, max_pixels)}")
     ext = _EXTENSIONS.get(fmt)
     if ext is None:
         raise NotAnImage(f"not an image: unsupported format {fmt}")
@@ -994,7 +995,10 @@ def download(
         (root / META_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CollectError(f"Cannot create {str(root / META_DIR)!r}: {exc.strerror or exc}. Choose a --dest folder you can write to.") from exc
-    with _folder_lock(root):
+    # Two downloads into one folder at once would number files alike and overwrite each other's manifest;
+    # a verify at the same time would rewrite files whose hashes the manifest has just recorded.
+    with dataset_lock(root, "download", error=CollectError,
+                      advice=", or give this one its own --dest; shards that run at the same time need their own --dest each"):  # fmt: skip
         return _download(jobs, root, config, on_progress, transport)
 
 
@@ -1025,28 +1029,6 @@ def _download(jobs: Iterable[Job], root: Path, config: CollectConfig, on_progres
     if on_progress is not None:
         on_progress(run.progress)
     return run.report
-
-
-@contextlib.contextmanager
-def _folder_lock(root: Path) -> Iterator[None]:
-    """Hold `<root>/.ursa/download.lock` for a run: two downloads into one folder at once would number
-    files alike and overwrite each other's manifest, so the second stops with the fix instead. (No lock
-    on Windows.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path = root / META_DIR / "download.lock"
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise CollectError(
-                f"Another download is writing into {str(root)!r} right now (it holds {str(path)!r}). Wait for it to "
-                "finish, or give this one its own --dest; shards that run at the same time need their own --dest each."
-            ) from None
-        yield  # closing the file releases the lock
 
 
 def jobs_from_search(results: Iterable[object], cls: str, *, query: str) -> list[Job]:

@@ -4,20 +4,30 @@ Training (`ursa.data.transforms`) and the exported predictor (`ursa.export`) bot
 gives the same input tensor in both, by construction, and serving needs neither torch nor torchvision.
 The evaluation resize samples only the crop's region of the photo, in two halves that can run on two
 cores at once (see `resize_center_crop`).
+
+The pixel limit: `MAX_PIXELS` (width x height) is the one limit of every stage. Download refuses larger
+images, verify quarantines them, training skips them (`open_checked`, a row with the reason) and serving
+answers 413, each reading the size from the header before decoding and saying so in its own words
+(`too_many_pixels`). Pillow's own decompression-bomb warning is never printed: the size is checked
+against this limit first, and Pillow's error (over twice its own limit) becomes the same refusal.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import warnings
 from concurrent.futures import Executor
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ursa.config import MAX_PIXELS
 from ursa.errors import DataError
 
-__all__ = ["RESAMPLE", "CROP_MODES", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "eval_min_side", "eval_crop_mode", "resize_center_crop", "eval_input", "normalize_into"]
+__all__ = ["MAX_PIXELS", "too_many_pixels", "open_checked", "RESAMPLE", "CROP_MODES", "draft_jpeg", "upright_rgb", "to_rgb", "eval_geometry", "eval_min_side", "eval_crop_mode", "resize_center_crop", "eval_input", "normalize_into"]
 
 # timm's evaluation crop modes (`transforms_imagenet_eval`): "center" resizes the short side to S / crop_pct
 # and crops S x S; "squash" resizes both sides to S / crop_pct (aspect not kept) and crops; "border" resizes
@@ -26,6 +36,36 @@ CROP_MODES = ("center", "squash", "border")
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 # Where Pillow's `getexif` looks for an orientation: EXIF blocks, TIFF tags and XMP packets.
 _ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None when a `width` x `height` image is within `max_pixels`, else what is wrong, for a message:
+    '12000x12000 = 144.0 megapixels, over the limit of 40 megapixels (a guard against decompression bombs)'."""
+    if width * height <= max_pixels:
+        return None
+    return (f"{width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g} megapixels "
+            "(a guard against decompression bombs)")  # fmt: skip
+
+
+def open_checked(src: str | os.PathLike[str] | bytes | IO[bytes], *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """`Image.open(src)` (a path, bytes or a binary file; not decoded yet) when its header's width x height
+    is within `max_pixels`, else DataError naming the file, its size and the fix. Pillow's
+    DecompressionBombWarning is not printed and its DecompressionBombError (over twice Pillow's own
+    limit) becomes the same DataError; other errors (not an image, unreadable) propagate as Pillow raises them."""
+    label = name or ("the image" if isinstance(src, (bytes, bytearray, memoryview)) or hasattr(src, "read") else str(src))
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, against our limit
+            im = Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{label} is too large to decode safely ({exc}); the limit is {max_pixels / 1e6:g} megapixels. "
+                        "Shrink it below that, or move it out of the dataset.") from None  # fmt: skip
+    problem = too_many_pixels(*im.size, max_pixels)
+    if problem is not None:
+        im.close()
+        raise DataError(f"{label} is {problem}. Shrink it below that, or move it out of the dataset.")
+    return im
 
 
 def draft_jpeg(im: Image.Image, min_side: int | None) -> None:

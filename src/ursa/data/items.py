@@ -2,6 +2,12 @@
 
 An item is a path relative to the root (POSIX separators) and a label. Files that are not images are
 skipped with a row saying why, never a crash.
+
+The dataset root is a boundary: nothing outside it is ever read. A name from a CSV or split.json
+that leaves the root (`..`, an absolute path elsewhere, a symlink pointing out) is refused before any
+file is opened; when listing folders, directory symlinks are never followed (a link back to the root
+would list every image again under a new class) and file symlinks that point outside the root or
+nowhere are skipped, each with a row saying why.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from ursa.data.images import open_checked
 from ursa.errors import DataError
 
 __all__ = [
@@ -25,6 +32,9 @@ __all__ = [
     "scan_class_folders",
     "read_labels_csv",
     "find_split_folders",
+    "folder_classes",
+    "inside_root",
+    "check_name",
 ]
 
 TRAIN_NAMES = ("train", "training")
@@ -51,10 +61,15 @@ class Skipped:
 
 @dataclass
 class ItemSet:
-    """Items read from a root; `skipped` lists the files that could not be used."""
+    """Items read from a root; `skipped` lists the files that could not be used.
+
+    `sides` maps a name to "train" or "valid" when the source says which (a labels CSV on a
+    train/valid dataset, or with a `split` / `is_valid` column); empty when the split is left to chance.
+    """
 
     items: list[Item] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    sides: dict[str, str] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -65,13 +80,13 @@ class ItemSet:
 def check_image(path: Path) -> str | None:
     """None when `path` opens as an image (header only, cheap), else the reason it does not.
 
-    Pillow's decompression-bomb guard stays on: an image over its pixel limit is refused here.
+    An image over the one pixel limit every stage uses (`ursa.data.images.MAX_PIXELS`) is refused here.
     """
     try:
-        with Image.open(path) as im:
+        with open_checked(path) as im:
             im.size  # noqa: B018  (parsing the header is the check)
-    except Image.DecompressionBombError as exc:
-        return f"decompression bomb refused: {exc}"
+    except DataError as exc:
+        return str(exc)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"not a readable image: {type(exc).__name__}: {exc}".strip()
     return None
@@ -81,19 +96,82 @@ def _is_hidden(part: str) -> bool:
     return part.startswith(".") or part == "__pycache__"
 
 
+def inside_root(root_abs: Path, path: Path) -> bool:
+    """True when `path`, with every symlink resolved, is `root_abs` (already resolved) or below it."""
+    try:
+        path.resolve().relative_to(root_abs)
+    except (ValueError, OSError, RuntimeError):  # outside, or a symlink loop
+        return False
+    return True
+
+
+def _link_reason(root_abs: Path, path: Path) -> str | None:
+    """Why symlink `path` is left out of a listing, or None for a file symlink that stays inside the root."""
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"dangling symlink (its target {os.readlink(path)} does not exist)"
+    except (OSError, RuntimeError):
+        return "symlink loop (the link points back at itself)"
+    if target.is_dir():
+        if inside_root(root_abs, target):
+            return f"symlink to a folder inside the dataset ({target}); not followed, so its images are not listed twice"
+        return f"symlink to a folder outside the dataset root ({target}); copy the folder into the dataset to use it"
+    if not inside_root(root_abs, target):
+        return f"symlink to a file outside the dataset root ({target}); copy the file into the dataset to use it"
+    return None
+
+
+def _class_dirs(root: Path, top: Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    """The class folders directly under `top` (= `root[/sub]`): not hidden, not symlinks. A folder
+    symlink or a dangling one becomes a `skipped` row; file symlinks here are ignored like files."""
+    root_abs = root.resolve()
+    out = []
+    for p in sorted(top.iterdir()):
+        if _is_hidden(p.name):
+            continue
+        if p.is_symlink():
+            if skipped is not None and not p.is_file():
+                skipped.append(Skipped(p.relative_to(root).as_posix(), _link_reason(root_abs, p) or "symlink"))
+            continue
+        if p.is_dir():
+            out.append(p)
+    return out
+
+
+def folder_classes(root: Path, *, sub: str | None = None) -> list[str]:
+    """Names of the class folders of `root[/sub]` (what `scan_class_folders` would label), sorted."""
+    top = root / sub if sub else root
+    return [p.name for p in _class_dirs(root, top)] if top.is_dir() else []
+
+
 def scan_class_folders(root: Path, *, sub: str | None = None) -> ItemSet:
     """Items from `root[/sub]/<class>/**/<file>`; the class is the first folder under `root[/sub]`.
 
     Hidden folders (such as `.ursa/`) are ignored; files directly under the top folder are ignored.
-    Names in the result are relative to `root`, so train and valid sub-folders share one namespace.
+    Symlinked folders are not followed and symlinks that point outside the root or nowhere are not
+    read: each becomes a `skipped` row. Names in the result are relative to `root`, so train and
+    valid sub-folders share one namespace.
     """
     top = root / sub if sub else root
     if not top.is_dir():
         raise DataError(f"{top} is not a folder. Pass the folder that holds one sub-folder per class.")
+    root_abs = root.resolve()
+    if sub and (top.is_symlink() or not inside_root(root_abs, top)):
+        raise DataError(f"{top} is a symlink or leads outside the dataset root {root}; symlinked folders are not followed. Put the {sub} folder itself inside the dataset.")
     out = ItemSet()
-    for class_dir in sorted(p for p in top.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+    for class_dir in _class_dirs(root, top, out.skipped):
         for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            keep = []
+            for d in sorted(dirnames):
+                if _is_hidden(d):
+                    continue
+                path = Path(dirpath) / d
+                if path.is_symlink():  # os.walk lists folder links but does not enter them
+                    out.skipped.append(Skipped(path.relative_to(root).as_posix(), _link_reason(root_abs, path) or "symlink"))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
             for fname in sorted(filenames):
                 if _is_hidden(fname):
                     continue
@@ -101,7 +179,8 @@ def scan_class_folders(root: Path, *, sub: str | None = None) -> ItemSet:
                 name = path.relative_to(root).as_posix()
                 if path.suffix.lower() in _QUIET_SUFFIXES:
                     continue
-                reason = check_image(path)
+                reason = _link_reason(root_abs, path) if path.is_symlink() else None
+                reason = reason or check_image(path)
                 if reason is None:
                     out.items.append(Item(name, class_dir.name))
                 else:
@@ -129,69 +208,154 @@ def _normalise_name(raw: str) -> str:
     return name
 
 
+def check_name(root: Path, raw: str, *, root_abs: Path | None = None) -> str:
+    """`raw` (a name from a CSV or split.json) as a name relative to `root`, with '/' separators.
+
+    Accepts Windows backslashes, a leading `./` and an absolute path under the root. Raises DataError
+    (a short reason, for the caller to put in context) when the name has a `..` part, is absolute
+    elsewhere, or resolves outside the root through a symlink; nothing is opened.
+    """
+    root_abs = root_abs or root.resolve()
+    name = _normalise_name(raw)
+    path = Path(name)
+    if path.is_absolute():
+        rel = None
+        for base in (Path(os.path.abspath(root)), root_abs):
+            try:
+                rel = path.relative_to(base)
+                break
+            except ValueError:
+                continue
+        if rel is None:
+            raise DataError("is an absolute path outside the dataset root")
+        name = rel.as_posix()
+    if ".." in Path(name).parts:
+        raise DataError("leaves the dataset root (it has a '..' part)")
+    if name and not inside_root(root_abs, root_abs / name):
+        raise DataError("leads outside the dataset root through a symlink")
+    return name
+
+
+_TRUE = {"1", "true", "t", "yes", "y"}
+_FALSE = {"0", "false", "f", "no", "n"}
+
+
+def _side(row: dict[str, str], name: str, folders: tuple[str, str] | None) -> str | None:
+    """"train" / "valid" for a CSV row: from its `split` or `is_valid` column, else from the first part
+    of its name when the dataset has train/valid folders; None when nothing says. Raises DataError."""
+    if "split" in row:
+        value = row["split"].strip().lower()
+        if value in TRAIN_NAMES or value in VALID_NAMES:
+            return "train" if value in TRAIN_NAMES else "valid"
+        raise DataError(f"has split {row['split']!r}; use train or valid")
+    if "is_valid" in row:
+        value = row["is_valid"].strip().lower()
+        if value in _TRUE or value in _FALSE:
+            return "valid" if value in _TRUE else "train"
+        raise DataError(f"has is_valid {row['is_valid']!r}; use true or false (1 or 0)")
+    if folders is not None:
+        train, valid = (f.replace("\\", "/").strip("/") for f in folders)
+        if name.startswith(f"{train}/"):
+            return "train"
+        if name.startswith(f"{valid}/"):
+            return "valid"
+        raise DataError(f"is in neither {folders[0]}/ nor {folders[1]}/; move it into one, or add a split column (train/valid)")
+    return None
+
+
+def _listing(rows: list[tuple[int, str, str]]) -> str:
+    shown = "; ".join(f"row {line}: {raw!r} {why}" for line, raw, why in rows[:5])
+    return shown + (f"; and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
 def read_labels_csv(
     root: Path,
     csv_path: Path,
     *,
     known_labels: list[str] | None = None,
     allow_new_labels: bool = False,
+    folders: tuple[str, str] | None = None,
 ) -> ItemSet:
     """Items from a CSV with columns `name,label` (names relative to `root`), as `cleaned.csv` is written.
 
-    Also accepts an absolute name under `root`, Windows backslash paths, and a leading `./`.
-    Missing files and labels outside `known_labels` are errors (listed, with the fix), so a stale CSV
-    never trains silently on a different dataset. Unreadable images become `skipped` rows.
+    Also accepts an absolute name under `root`, Windows backslash paths, and a leading `./`. Every
+    name is checked before any file is opened: one that leaves the root (`..`, a symlink pointing out)
+    is an error naming its row. Missing files and labels outside `known_labels` are errors (listed,
+    with the fix), so a stale CSV never trains silently on a different dataset. Unreadable images
+    become `skipped` rows.
+
+    Which side a row is on (`ItemSet.sides`) comes from a `split` column (train / valid) or an
+    `is_valid` column (true / false, as fastai's `ColSplitter` reads it), else, when `folders` names
+    the dataset's (train, valid) sub-folders, from the first part of the name; otherwise it is left
+    to the seeded split.
     """
     if not csv_path.is_file():
         raise DataError(f"labels file {csv_path} does not exist. Pass a CSV with columns name,label.")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            header = [h.strip().lower() for h in (rows[0].keys() if rows else [])]
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, [])]
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path} is not a readable CSV ({exc}). Save it as UTF-8 text with columns name,label.") from None
     if not rows:
         raise DataError(f"{csv_path} has no rows. It needs a header `name,label` and one row per image.")
     if "name" not in header or "label" not in header:
         raise DataError(f"{csv_path} has columns {header}; it needs `name` and `label` (as cleaned.csv has).")
-    out = ItemSet()
-    missing: list[str] = []
-    unknown: set[str] = set()
+    if "split" in header and "is_valid" in header:
+        raise DataError(f"{csv_path} has both a `split` and an `is_valid` column. Keep one of them.")
     root_abs = root.resolve()
-    for row in rows:
-        row = {k.strip().lower(): (v or "") for k, v in row.items() if k}
-        name, label = _normalise_name(row["name"]), row["label"].strip()
+    escapes: list[tuple[int, str, str]] = []
+    bad_sides: list[tuple[int, str, str]] = []
+    unknown: set[str] = set()
+    todo: list[tuple[str, str, str | None]] = []
+    for line, cells in rows:
+        row = {h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header) if h}
+        raw, label = row["name"], row["label"].strip()
+        try:
+            name = check_name(root, raw, root_abs=root_abs)
+        except DataError as exc:
+            escapes.append((line, raw.strip(), str(exc)))
+            continue
         if not name:
             continue
-        path = Path(name)
-        if path.is_absolute():
-            try:
-                name = path.resolve().relative_to(root_abs).as_posix()
-            except ValueError:
-                raise DataError(f"{csv_path}: {name} is outside the dataset root {root}. Names must be relative to it.") from None
         if not label:
-            raise DataError(f"{csv_path}: row for {name} has an empty label. Give every row a label, or remove the row.")
+            raise DataError(f"{csv_path} row {line}: {name} has an empty label. Give every row a label, or remove the row.")
+        try:
+            side = _side(row, name, folders)
+        except DataError as exc:
+            bad_sides.append((line, name, str(exc)))
+            continue
         if known_labels is not None and not allow_new_labels and label not in known_labels:
             unknown.add(label)
             continue
-        full = root / name
-        if not full.is_file():
-            missing.append(name)
-            continue
-        reason = check_image(full)
-        if reason is None:
-            out.items.append(Item(name, label))
-        else:
-            out.skipped.append(Skipped(name, reason))
+        todo.append((name, label, side))
+    if escapes:  # checked before any file is opened
+        raise DataError(
+            f"{csv_path} names {len(escapes)} files outside the dataset root {root}: {_listing(escapes)}. "
+            "Names must be paths inside the dataset root, symlinks included: remove those rows, or copy the files into the dataset and name them relative to it."
+        )
+    if bad_sides:
+        raise DataError(f"{csv_path} has {len(bad_sides)} rows on no side of the split: {_listing(bad_sides)}.")
     if unknown:
         raise DataError(
             f"{csv_path} has labels that are not classes of {root}: {sorted(unknown)} (classes: {known_labels}). "
             "Fix the labels, or pass --allow-new-labels to accept them as new classes."
         )
+    missing = [name for name, _, _ in todo if not (root / name).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(
             f"{csv_path} names {len(missing)} files that do not exist under {root}: {shown}. "
             "Pass the dataset root the CSV was written for (names are relative to it), or remove those rows."
         )
+    out = ItemSet()
+    for name, label, side in todo:
+        if side is not None:
+            out.sides[name] = side
+        reason = check_image(root / name)
+        if reason is None:
+            out.items.append(Item(name, label))
+        else:
+            out.skipped.append(Skipped(name, reason))
     return out

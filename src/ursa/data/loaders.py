@@ -125,7 +125,12 @@ class ImageDataLoaders:
         return ImageDataLoaders.from_split(split, default_data_config(arch), bs=bs, flip=flip, **kwargs)
 
     @staticmethod
-    def from_csv(root: str | Path, csv_path: str | Path = "cleaned.csv", *, valid_pct: float = 0.2, seed: int = 42, arch: str = "efficientnet_lite0", bs: int = 32, flip: bool = True, **kwargs: Any) -> DataBunch:
-        """Labels from a CSV `name,label` (names relative to `root`), such as `cleaned.csv`."""
-        split = build_split(root, DataConfig(labels=str(csv_path), valid_pct=valid_pct, seed=seed, flip=flip))
+    def from_csv(root: str | Path, csv_path: str | Path = "cleaned.csv", *, train: str | None = None, valid: str | None = None, valid_pct: float = 0.2, seed: int = 42, arch: str = "efficientnet_lite0", bs: int = 32, flip: bool = True, allow_new_labels: bool = False, **kwargs: Any) -> DataBunch:
+        """Labels from a CSV `name,label` (names relative to `root`, never leaving it), such as `cleaned.csv`.
+
+        Rows keep their side when the CSV has a `split` (train/valid) or `is_valid` column, or when
+        `root` holds train/ and valid/ folders (found, or named by `train`/`valid`); otherwise
+        `valid_pct` of each class is drawn for validation (seeded).
+        """
+        split = build_split(root, DataConfig(train=train, valid=valid, labels=str(csv_path), valid_pct=valid_pct, seed=seed, flip=flip, allow_new_labels=allow_new_labels))
         return ImageDataLoaders.from_split(split, default_data_config(arch), bs=bs, flip=flip, **kwargs)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ursa._io import atomic_write_json, sha256_file
 from ursa.config import DataConfig
-from ursa.data.items import Item, Skipped, find_split_folders, read_labels_csv, scan_class_folders
+from ursa.data.items import Item, Skipped, check_name, find_split_folders, folder_classes, read_labels_csv, scan_class_folders
 from ursa.errors import DataError
 
 __all__ = ["Split", "split_items", "build_split", "save_split", "load_split", "content_groups", "dataset_sizes"]
@@ -33,7 +33,7 @@ class Split:
     valid: list[Item]
     classes: list[str]
     skipped: list[Skipped] = field(default_factory=list)
-    how: str = "random"  # "random" (seeded split), "folders" (train/valid folders) or "csv"
+    how: str = "random"  # "random" (seeded split), "folders" (train/valid folders) or "csv" (valid_pct 0: sides given)
     seed: int = 42
     valid_pct: float = 0.2
 
@@ -128,13 +128,42 @@ def _check_classes(split: Split) -> None:
     counts = split.counts()
     empty_valid = [c for c, (_, v) in counts.items() if v == 0]
     if split.how != "random" and empty_valid and not split.valid:
-        raise DataError(f"the validation folder of {split.root} has no images. Put class folders of images in it.")
+        raise DataError(f"the validation side of {split.root} has no images. Put class folders of images in its validation folder (or rows marked valid in the CSV).")
+    if not split.valid:
+        # every image has a byte-identical copy under another label (kept in training), e.g. a folder
+        # listed twice: nothing is left to validate on
+        raise DataError(
+            f"no image of {split.root} could go to validation: each one has a byte-identical copy under another class. "
+            "Remove the duplicated folder or files (see `ursa info`), then train again."
+        )
+
+
+def _split_from_csv(root: Path, cfg: DataConfig, folders: tuple[str, str] | None) -> Split:
+    """Items and labels from the CSV `cfg.labels`; sides as the CSV or the train/valid folders say, else seeded."""
+    csv_path = Path(cfg.labels or "")
+    if not csv_path.is_absolute() and not csv_path.exists():
+        csv_path = root / csv_path
+    # the classes of the dataset as it is laid out: the class folders (of the train and valid folders)
+    known = sorted(set(folder_classes(root, sub=folders[0])) | set(folder_classes(root, sub=folders[1]))) if folders else folder_classes(root)
+    found = read_labels_csv(root, csv_path, known_labels=known or None, allow_new_labels=cfg.allow_new_labels, folders=folders)
+    if not found.sides:
+        groups = content_groups(root, found.items)
+        train, valid = split_items(found.items, valid_pct=cfg.valid_pct, seed=cfg.seed, groups=groups)
+        return Split(root, train, valid, found.labels, found.skipped, "csv", cfg.seed, cfg.valid_pct)
+    train = sorted(it for it in found.items if found.sides[it.name] == "train")
+    valid = sorted(it for it in found.items if found.sides[it.name] == "valid")
+    untrained = sorted({it.label for it in valid} - {it.label for it in train})
+    if untrained:
+        raise DataError(f"{csv_path} has labels with validation rows but no training rows: {untrained}. Add training images for them, or remove those rows.")
+    return Split(root, train, valid, found.labels, found.skipped, "csv", cfg.seed, 0.0)
 
 
 def build_split(root: str | Path, cfg: DataConfig = DataConfig()) -> Split:
     """Read `root` the way `cfg` says and split it. The one place a dataset definition is made.
 
-    - `cfg.labels`: items from that CSV, split at random (seeded).
+    - `cfg.labels`: items and labels from that CSV. The train/valid side of each row is kept when
+      the CSV has a `split` or `is_valid` column, or when the root has train/ and valid/ folders
+      (`cfg.train`/`cfg.valid`, or found); otherwise the rows are split at random (seeded).
     - `cfg.train`/`cfg.valid`, or a root that holds train/ and valid/ folders: the given split.
     - otherwise: class folders under `root`, split at random (seeded, stratified, duplicates grouped).
     """
@@ -146,17 +175,10 @@ def build_split(root: str | Path, cfg: DataConfig = DataConfig()) -> Split:
     folders = (cfg.train, cfg.valid) if cfg.train and cfg.valid else None
     if (cfg.train is None) != (cfg.valid is None):
         raise DataError("pass both --train and --valid (the two sub-folders), or neither.")
-    if folders is None and cfg.labels is None:
+    if folders is None:
         folders = find_split_folders(root)
     if cfg.labels is not None:
-        csv_path = Path(cfg.labels)
-        if not csv_path.is_absolute() and not csv_path.exists():
-            csv_path = root / csv_path
-        known = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        found = read_labels_csv(root, csv_path, known_labels=known or None, allow_new_labels=cfg.allow_new_labels)
-        groups = content_groups(root, found.items)
-        train, valid = split_items(found.items, valid_pct=cfg.valid_pct, seed=cfg.seed, groups=groups)
-        split = Split(root, train, valid, found.labels, found.skipped, "csv", cfg.seed, cfg.valid_pct)
+        split = _split_from_csv(root, cfg, folders)
     elif folders is not None:
         tr, va = scan_class_folders(root, sub=folders[0]), scan_class_folders(root, sub=folders[1])
         classes = tr.labels
@@ -198,13 +220,29 @@ def save_split(split: Split, path: str | Path) -> Path:
 
 
 def load_split(path: str | Path, *, root: str | Path | None = None) -> Split:
-    """Read a `split.json`; `root` overrides the recorded dataset root (a moved dataset)."""
+    """Read a `split.json`; `root` overrides the recorded dataset root (a moved dataset).
+
+    Every name must lie inside the root (see `check_name`): later stages open them, so an edited
+    split.json cannot point them at other files."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist. Run `ursa train` first; it writes split.json into the run folder.")
     data = json.loads(path.read_text(encoding="utf-8"))
+    base = Path(root) if root is not None else Path(data["root"])
+    base_abs = base.resolve()
+    outside = []
+    for n, _ in [*data["train"], *data["valid"]]:
+        try:
+            check_name(base, n, root_abs=base_abs)
+        except DataError as exc:
+            outside.append(f"{n!r} {exc}")
+    if outside:
+        raise DataError(
+            f"{path} names {len(outside)} files outside the dataset root {base}: {'; '.join(outside[:5])}. "
+            "The file was changed after training; train again to write a fresh split.json."
+        )
     return Split(
-        root=Path(root) if root is not None else Path(data["root"]),
+        root=base,
         train=[Item(n, lab) for n, lab in data["train"]],
         valid=[Item(n, lab) for n, lab in data["valid"]],
         classes=list(data["classes"]),

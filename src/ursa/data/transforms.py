@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, upright_rgb
+from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, open_checked, upright_rgb
 
 __all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
 
@@ -31,9 +31,11 @@ def open_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
     """Decode `path` as an RGB PIL image, upright per its EXIF orientation.
 
     For JPEGs larger than needed, `min_side` lets the decoder downscale by 1/2, 1/4 or 1/8 while
-    decoding (several times faster on phone photos) without going below `min_side` pixels.
+    decoding (several times faster on phone photos) without going below `min_side` pixels. An image
+    over the pixel limit every stage shares (`ursa.data.images.MAX_PIXELS`) raises DataError before it
+    is decoded; the loaders skip it with that reason, as they skip any file that will not decode.
     """
-    im = Image.open(path)
+    im = open_checked(path)
     draft_jpeg(im, min_side)
     return upright_rgb(im)
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -216,20 +216,13 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _time_step(step: Callable[[], None], *, repeat: int = 3) -> float:
-    step()  # warm-up: kernel selection, allocations
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        step()
-    return (time.perf_counter() - t0) / repeat
-
-
-def choose_precision(requested: str, device: torch.device, *, probe: Callable[[str], None] | None = None) -> tuple[str, dict[str, Any]]:
+def choose_precision(requested: str, device: torch.device) -> tuple[str, dict[str, Any]]:
     """The precision to train in and why: ("fp32" | "bf16" | "fp16", facts for config.json).
 
-    `auto`: bf16 on a GPU that supports it, else fp16 on GPU; on CPU bf16 only when the CPU has
-    native bf16 and `probe(precision)` (one training step) measured it faster than fp32, else fp32.
-    fp16 on CPU is refused (no CPU kernels gain from it). Timings are in milliseconds per step.
+    Decided from the request and the device's capabilities only, never from a timing, so the same
+    command on the same data trains the same way however busy the machine is. `auto`: bf16 on a GPU
+    that supports it, else fp16 on the GPU; fp32 on a CPU, on every CPU (bf16 there only when asked
+    for with `bf16`). fp16 on a CPU is refused (no CPU kernels gain from it).
     """
     if requested not in PRECISIONS:
         raise TrainError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}.")
@@ -242,15 +235,15 @@ def choose_precision(requested: str, device: torch.device, *, probe: Callable[[s
         info["reason"] = "asked for" if requested != "auto" else f"GPU {'supports' if bf16_ok else 'lacks'} bf16"
         return choice, {**info, "precision": choice}
     if requested == "fp16":
-        raise TrainError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32 (the default picks the faster).")
-    if requested in ("fp32", "bf16"):
-        return requested, {**info, "precision": requested, "reason": "asked for"}
-    if not _cpu_has_bf16() or probe is None:
-        return "fp32", {**info, "precision": "fp32", "reason": "CPU without native bf16 (avx512_bf16/amx_bf16): bf16 autocast would be emulated and slower"}
-    fp32_s = _time_step(lambda: probe("fp32"))
-    bf16_s = _time_step(lambda: probe("bf16"))
-    choice = "bf16" if bf16_s < 0.9 * fp32_s else "fp32"  # a 10% margin: noise must not flip the choice
-    return choice, {**info, "precision": choice, "reason": "measured", "fp32_ms": round(fp32_s * 1e3, 2), "bf16_ms": round(bf16_s * 1e3, 2)}
+        raise TrainError("--precision fp16 needs a GPU; on the CPU use fp32 (the default) or bf16.")
+    native = _cpu_has_bf16()
+    info["cpu_native_bf16"] = native
+    if requested == "bf16":
+        why = "asked for" if native else "asked for; this CPU has no native bf16 (avx512_bf16/amx_bf16), so autocast emulates it and is slower"
+        return "bf16", {**info, "precision": "bf16", "reason": why}
+    if requested == "fp32":
+        return "fp32", {**info, "precision": "fp32", "reason": "asked for"}
+    return "fp32", {**info, "precision": "fp32", "reason": "auto on a CPU is fp32 on every CPU, so a run trains the same way on any machine; pass --precision bf16 to use bf16"}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

@@ -1,22 +1,25 @@
 """The default training recipe, CPU-fast: cached backbone features -> head, then optional fine-tuning.
 
-1. Split the dataset (seeded) and write `split.json`.
+1. Split the dataset (seeded); every bad input fails here, before anything is written.
 2. Compute backbone features once per image and view (cached on disk; see `features.py`). Small
    datasets get several augmented views per image, up to `view_budget` cached training samples, so
    a 10-shot set trains on ~10x more variety at the cost of one forward pass per view.
 3. Train the head on the cache with one-cycle (milliseconds per epoch). Evaluate with the plain and
    mirrored view averaged (test-time augmentation) when flips are allowed.
 4. Optionally (`fine_tune` > 0) fine-tune the whole network on images with discriminative learning rates.
-5. Write the run folder: config.json, split.json, history.csv, metrics.json, losses.png,
-   predictions.csv and models/model.safetensors.
+5. Write the run folder, whole and only once the run has succeeded: config.json, split.json,
+   history.csv, metrics.json, losses.png, predictions.csv and models/model.safetensors.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +142,7 @@ def prepare_backbone(train: TrainConfig, backbone: Backbone | None = None) -> Ba
     from dataclasses import replace
 
     bb = backbone or create_backbone(train.arch, weights=train.weights)
-    if train.size:
-        if train.size < 32:
-            raise TrainError(f"--size {train.size} is too small; use at least 32 pixels (the default is the backbone's own).")
+    if train.size is not None:  # TrainConfig has checked its range
         bb = replace(bb, data_config={**bb.data_config, "input_size": (3, train.size, train.size)})
     return bb
 
@@ -236,7 +237,8 @@ def train_run(
     split: Split | None = None,
 ) -> RunResult:
     """Train with the default recipe and write the run folder. Everything that can fail on bad input
-    (dataset, weights) is checked before the run folder is created."""
+    (dataset, weights) is checked first, and the run folder appears only once the run has succeeded,
+    complete (`out`, or `out-2`, ... when that already holds a run; see `RunResult.out`)."""
     t0 = time.perf_counter()
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -246,10 +248,7 @@ def train_run(
     progress = progress and dist.is_main()
     split = split or build_split(root, data)
     backbone = prepare_backbone(train, backbone)
-    out = dist.broadcast(next_free_dir(Path(out)))  # rank 0's choice, so every rank names the same folder
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(split, out / "split.json")
+    out = Path(out)  # nothing is written there until the run has succeeded (see _publish_run)
 
     bar = _FeatureProgress(enabled=progress, console=console)
     t_feat = time.perf_counter()
@@ -257,7 +256,8 @@ def train_run(
     bar.close()
     feat_s = time.perf_counter() - t_feat
     if len(fd.y_valid) == 0:
-        raise TrainError("no validation image could be decoded; check the files listed as skipped in split.json.")
+        first = "; ".join(f"{s.name}: {s.reason}" for s in fd.failed[:3])
+        raise TrainError(f"no validation image could be decoded ({len(fd.failed)} files failed; {first}). Check them with `ursa verify {split.root}`, then train again.")
 
     # ---- stage 1: the head on cached features ----
     learn = _make_head_learner(fd, split, backbone, train, data, out, progress)
@@ -302,7 +302,8 @@ def train_run(
         "wall_s": round(wall, 2),
     }
     if dist.is_main():
-        _write_run(out, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime)
+        out = _publish_run(out, lambda folder: _write_run(folder, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime))
+    out = dist.broadcast(out)  # rank 0's folder, so every rank names the same one
     dist.barrier()  # the run folder is complete before any rank returns
     return RunResult(out, metrics, model, split.classes, split, backbone, history)
 
@@ -319,7 +320,7 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     good_valid = set(fd.valid_names)
     clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
     size = int(train.extra.get("fine_tune_size", 0)) or None
-    bs = min(train.batch_size, 32)
+    bs = train.batch_size
     dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=bs, flip=data.flip, size=size, num_workers=int(train.extra.get("num_workers", 0)))
     train_dl, world = dls.train, dist.world_size()
     if world > 1:
@@ -331,7 +332,7 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
         train_dl = DataLoader(train_dl.dataset, batch_size=per, sampler=sampler, drop_last=len(sampler) > per, collate_fn=train_dl.collate_fn, num_workers=nw, persistent_workers=nw > 0)
     channels_last = bool(train.extra.get("channels_last", device.type == "cuda"))
     model.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    precision, why = dist.choose_precision(str(train.extra.get("precision", "auto")), device, probe=_precision_probe(model, train_dl, device, channels_last))
+    precision, why = dist.choose_precision(str(train.extra.get("precision", "auto")), device)
     learn = Learner(model, train_dl, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune", label_smoothing=float(train.extra.get("label_smoothing", 0.0)), preprocess=dls.preprocess, bn_eval=model,
                     device=device, precision=precision, channels_last=channels_last, ddp=world > 1)  # fmt: skip
     learn.unfreeze()
@@ -353,21 +354,31 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     return probs, list(learn.recorder.rows), list(learn.recorder.batch_losses)
 
 
-def _precision_probe(model: nn.Module, dl: DataLoader, device: torch.device, channels_last: bool) -> Callable[[str], None]:
-    """One forward and backward pass on the first batch at a given precision (weights untouched), for timing."""
-    cache: list[torch.Tensor] = []
+def _publish_run(out: Path, write: Callable[[Path], None]) -> Path:
+    """Write a run into a hidden staging folder beside `out`, then rename it to `next_free_dir(out)`.
 
-    def step(precision: str) -> None:
-        if not cache:
-            xb, _ = next(iter(dl))
-            xb = xb.to(device)
-            cache.append(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb)
-        with dist.autocast(device, precision):
-            out = model(cache[0])
-        out.float().sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
+    A run that fails or is killed half-way never leaves a half-written run folder under the name
+    asked for: the folder appears whole, or not at all. Returns the folder written.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
+    stage.mkdir()
+    try:
+        write(stage)
+        while True:
+            target = next_free_dir(out)
+            try:
+                if target.is_dir():
+                    target.rmdir()  # empty (next_free_dir); fails if a file arrived meanwhile
+                os.rename(stage, target)
+                return target
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another run took that name meanwhile: take the next one
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)  # only this run's own staging files
 
 
 def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor, *, runtime: dict[str, Any] | None = None) -> None:
@@ -391,6 +402,7 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
         "runtime": runtime or {},  # device, processes, precision and its reason, fine-tuning images/s
     }
     atomic_write_json(out / "config.json", config)
+    save_split(split, out / "split.json")
     rec = Recorder()
     rec.rows, rec.batch_losses = history, batch_losses
     rec.to_csv(out / "history.csv")

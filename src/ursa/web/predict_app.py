@@ -8,11 +8,15 @@
 - `GET /health` liveness and the loaded model; `GET /model` model.json (less local paths);
 - `GET /docs`, `GET /openapi.json` the OpenAPI description.
 
-Safety and load: bodies over `max_upload_bytes` get 413 (checked on Content-Length and while reading),
-images over `max_pixels` get 413 before they are decoded (decompression bombs), anything that is not
-an image gets 415 and a damaged image 422, each with a JSON `{"detail": ...}` that says what to send.
-Decoding and inference run in the thread pool, at most `concurrency` at a time; when more than
-`max_queue` requests wait, new ones get 503 at once instead of piling up.
+Safety and load: bodies over `max_upload_bytes` get 413 (from Content-Length before a byte of the body
+is read, and while reading), images over `max_pixels` get 413 before they are decoded (decompression
+bombs), anything that is not an image gets 415 and a damaged image 422, each with a JSON
+`{"detail": ...}` that says what to send. Decoding and inference run in the thread pool, at most
+`concurrency` at a time. A request is admitted before its body is read: when `concurrency` requests run
+and `max_queue` more are admitted, a new one gets 503 at once, its body never read. Admitted bodies are
+streamed into temporary files that stay in memory up to 1 MiB and go to disk beyond, and are read back
+whole only inside the inference slot, so memory holds at most `concurrency` full uploads.
+Every route is behind `ursa.web.security.WebGuard` (Host, Origin, token).
 
 This module imports only `ursa.export` and `ursa.errors` from Ursa: serving never needs the training code.
 """
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from tempfile import SpooledTemporaryFile
+from typing import IO, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -33,12 +39,15 @@ from pydantic import BaseModel
 
 from ursa.errors import ServeError
 from ursa.export import MAX_PIXELS, BadImageError, ImageTooLargeError, NotAnImageError, Predictor
+from ursa.web.security import protect
 
 __all__ = ["create_predict_app", "serve", "default_workers", "PredictionOut", "MAX_UPLOAD_BYTES"]
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD_BYTES = 10 * 2**20  # default request body limit: 10 MiB
 _MULTIPART_SLACK = 64 * 2**10  # room for multipart boundaries and headers around the file
+_SPOOL_BYTES = 2**20  # an upload stays in memory up to this size while it waits, and goes to a temporary file beyond
+_MAX_FIELD_BYTES = 64 * 2**10  # a form field other than the file (the page sends none)
 
 
 class TopClass(BaseModel):
@@ -84,9 +93,11 @@ class _TooLarge(Exception):
 
 
 class _Fail(Exception):
-    def __init__(self, status: int, detail: str):
+    """A refusal. `close`: end the connection after the answer instead of receiving a body nobody reads."""
+
+    def __init__(self, status: int, detail: str, *, close: bool = False):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.close = status, detail, close
 
 
 def default_workers(cpus: int | None = None) -> tuple[int, int]:
@@ -110,11 +121,15 @@ def create_predict_app(
     max_queue: int = 64,
     backend: str = "auto",
     precision: str | None = None,
+    host: str = "127.0.0.1",
+    token: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one export folder (or an already loaded Predictor).
 
     `concurrency` inferences run at once (default: `default_workers()`), each with `threads` ONNX
-    Runtime threads. Raises ExportError when the folder cannot be loaded, ServeError on bad limits.
+    Runtime threads; `max_queue` more may wait. `host` is the address the server binds (its Host
+    header is checked on loopback) and `token` the one clients must present (required off loopback).
+    Raises ExportError when the folder cannot be loaded, ServeError on bad limits or a missing token.
     """
     if max_upload_bytes < 1 or max_pixels < 1 or max_queue < 0:
         raise ServeError("the upload limit and pixel limit must be positive and the queue length at least 0.")
@@ -134,10 +149,11 @@ def create_predict_app(
         version=str(meta.get("versions", {}).get("ursa", "")),
         description=f"Classifies a photo as one of {len(predictor.classes)} classes ({', '.join(predictor.classes[:20])}{', ...' if len(predictor.classes) > 20 else ''}), or \"none of these\".",
     )
+    protect(app, host=host, token=token, raw_body_paths={"/predict"}, error_key="detail")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     gate = asyncio.Semaphore(concurrency)
-    waiting = 0
+    admitted = 0  # requests reading their body, waiting for a slot or running
     limit_mb = max_upload_bytes / 2**20
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -157,14 +173,12 @@ def create_predict_app(
         """The export's model.json: classes, architecture, preprocessing, open-set threshold, metrics, versions, file hashes."""
         return meta
 
-    async def read_image(request: Request) -> bytes:
-        ctype = request.headers.get("content-type", "")
-        multipart = ctype.startswith("multipart/form-data")
+    too_big = f"the upload is over the limit of {limit_mb:g} MiB. Send a smaller image (resize it to a few megapixels)."
+
+    async def spool_upload(request: Request, multipart: bool) -> tuple[IO[bytes], list[Callable[[], Any]]]:
+        """The image (multipart field `file`, or the whole body) in a temporary file, read with a bounded
+        streaming read; and what to call to release it."""
         limit = max_upload_bytes + (_MULTIPART_SLACK if multipart else 0)
-        too_big = _Fail(413, f"the upload is over the limit of {limit_mb:g} MiB. Send a smaller image (resize it to a few megapixels).")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
         received = 0
 
         async def receive() -> Any:
@@ -178,41 +192,61 @@ def create_predict_app(
 
         limited = Request(request.scope, receive)
         try:
-            if multipart:
-                form = await limited.form(max_files=1, max_fields=16)
+            if not multipart:
+                spool: IO[bytes] = SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the caller
                 try:
-                    upload = form.get("file")
-                    if upload is None or isinstance(upload, str):
-                        raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
-                    data = await upload.read()
-                finally:
-                    await form.close()
-            else:
-                data = await limited.body()
+                    async for chunk in limited.stream():
+                        spool.write(chunk)
+                except BaseException:
+                    spool.close()
+                    raise
+                return spool, [spool.close]
+            # Starlette's parser streams file parts into its own 1 MiB spooled files; other fields are small.
+            form = await limited.form(max_files=1, max_fields=16, max_part_size=_MAX_FIELD_BYTES)
         except _TooLarge:
-            raise too_big from None
-        if len(data) > max_upload_bytes:
-            raise too_big
-        if not data:
+            raise _Fail(413, too_big, close=True) from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            await form.close()
+            raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
+        return upload.file, [form.close]  # closes the upload's file too
+
+    def predict_spooled(src: IO[bytes], top_k: int) -> Any:
+        """Read the upload back and predict (in a worker thread, inside an inference slot)."""
+        size = src.seek(0, os.SEEK_END)
+        if size > max_upload_bytes:
+            raise _Fail(413, too_big)
+        if size == 0:
             raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
-        return data
+        src.seek(0)
+        return predictor.predict_image(src.read(), top_k=top_k)
 
     @app.post("/predict", response_model=PredictionOut, openapi_extra=_BODY_DOC, responses=_ERRORS_DOC)
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
         """Classify one image: its label (or "none of these"), probability and the top classes."""
-        nonlocal waiting
+        nonlocal admitted
         try:
-            data = await read_image(request)
-            if waiting >= max_queue + concurrency:
-                raise _Fail(503, "the server is busy. Retry in a moment.")
-            waiting += 1
+            multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + (_MULTIPART_SLACK if multipart else 0):
+                raise _Fail(413, too_big, close=True)  # before a byte of the body is read
+            if admitted >= concurrency + max_queue:  # admission before the body is read
+                raise _Fail(503, "the server is busy. Retry in a moment.", close=declared is None)
+            admitted += 1
             try:
-                async with gate:
-                    pred = await run_in_threadpool(predictor.predict_image, data, top_k=top_k)
+                src, release = await spool_upload(request, multipart)
+                try:
+                    async with gate:
+                        pred = await run_in_threadpool(predict_spooled, src, top_k)
+                finally:
+                    for close in release:
+                        result = close()
+                        if asyncio.iscoroutine(result):
+                            await result
             finally:
-                waiting -= 1
+                admitted -= 1
         except _Fail as exc:
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"connection": "close"} if exc.close else None)
         except ImageTooLargeError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=413)
         except NotAnImageError as exc:
@@ -236,19 +270,21 @@ def serve(
     precision: str | None = None,
     log_level: str = "info",
     access_log: bool = True,
+    token: str | None = None,
 ) -> None:
     """Load `folder` and serve it with Uvicorn until interrupted (Ctrl-C).
 
-    Binds `host` (loopback by default: pass 0.0.0.0 only to serve other machines). Raises ExportError
-    for a bad folder and ServeError when the port is taken.
+    Binds `host` (loopback by default: pass 0.0.0.0 only to serve other machines, with a `token`, see
+    `ursa.web.security.resolve_token`). Slow and idle connections are dropped (`ursa.web.server`).
+    Raises ExportError for a bad folder and ServeError when the port is taken or the token is missing.
     """
     import socket
 
-    import uvicorn
+    from ursa.web.server import run
 
     if not 0 < port < 65536:
         raise ServeError(f"--port must be between 1 and 65535, got {port}.")
-    app = create_predict_app(folder, max_upload_bytes=max_upload_bytes, concurrency=concurrency, threads=threads, backend=backend, precision=precision)
+    app = create_predict_app(folder, max_upload_bytes=max_upload_bytes, concurrency=concurrency, threads=threads, backend=backend, precision=precision, host=host, token=token)
     try:  # fail with a clear message instead of uvicorn's log line and exit(1)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -256,5 +292,4 @@ def serve(
             probe.bind((host, port))
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}). Another program is using the port: pass another --port.") from None
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log, limit_concurrency=256, timeout_keep_alive=10, server_header=False)
-    uvicorn.Server(config).run()
+    run(app, host=host, port=port, log_level=log_level, access_log=access_log)

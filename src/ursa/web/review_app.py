@@ -10,7 +10,9 @@
 - `POST /api/undo` takes back the latest decision; `POST /api/apply` applies them (writes cleaned.csv,
   quarantines deletions); `POST /api/undo-apply` restores the dataset.
 
-Bad ids get 400, unknown ids 404, with a JSON `{"error": ...}` body that says what to do.
+Bad ids get 400, unknown ids 404, with a JSON `{"error": ...}` body that says what to do. Every route is
+behind `ursa.web.security.WebGuard`: a foreign Host or Origin gets 403, a POST that is not
+`application/json` 415 (so no other web page can decide, apply or undo for the user).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from ursa.errors import ReviewError, UrsaError
 from ursa.interpret.issues import KINDS, read_issues
 from ursa.review import QUARANTINE_DIR, Review, ReviewConflict, dataset_labels
+from ursa.web.security import protect
 
 __all__ = ["create_review_app", "image_id", "KIND_TITLES"]
 
@@ -64,8 +67,9 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
-def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
-    """The review app for dataset `root` and the findings in `run_dir/issues.csv`."""
+def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
+    """The review app for dataset `root` and the findings in `run_dir/issues.csv`, to be served on `host`
+    (loopback unless a `token` is given)."""
     root = Path(root)
     review = Review(root)
     try:
@@ -91,6 +95,7 @@ def create_review_app(root: str | Path, run_dir: str | Path) -> FastAPI:
     current = {"labels": labels_now}  # the dataset as it stands; re-read after an apply or its undo
 
     app = FastAPI(title="Ursa review", docs_url=None, redoc_url=None, openapi_url=None)
+    protect(app, host=host, token=token, error_key="error")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 

@@ -16,10 +16,13 @@ function showStatus(msg, ok = false) {
 }
 
 async function call(method, url, body) {
+  // Every change is a JSON POST (also those without parameters): the server refuses anything else, so no
+  // other web page can submit a form to it.
+  const send = method !== "GET";
   const res = await fetch(url, {
     method,
-    headers: body ? { "Content-Type": "application/json" } : {},
-    body: body ? JSON.stringify(body) : undefined,
+    headers: send ? { "Content-Type": "application/json" } : {},
+    body: send ? JSON.stringify(body || {}) : undefined,
   });
   let data = null;
   try { data = await res.json(); } catch (e) { data = null; }
