@@ -1,6 +1,6 @@
 """Does keeping PyTorch's large buffers on the heap (mallopt at start-up, as `ursa` does) speed up CPU work?
 
-Runs the same workload in two fresh processes, with and without `ursa.cli.tune_allocator()`:
+Runs the same workload in two fresh processes, with and without `ursa.train.runtime.tune_allocator()`:
 EfficientNet-Lite0 forward+backward on a batch of 32 images at 224 px (fine-tuning) and a forward
 pass (feature extraction), 2 threads. Prints one JSON line with the median seconds per batch of each.
 """
@@ -16,7 +16,7 @@ import time
 CHILD = r"""
 import sys, time, json, statistics
 if sys.argv[1] == "tuned":
-    from ursa.cli import tune_allocator
+    from ursa.train.runtime import tune_allocator
     tune_allocator()
 import torch
 torch.set_num_threads(2)

@@ -52,8 +52,7 @@ def child(root: Path, cache: Path, n: int, workers: int) -> None:
     import torch
 
     from ursa.config import TrainConfig
-    from ursa.train.features import FeatureCache
-    from ursa.train.recipe import prepare_backbone
+    from ursa.train.features import FeatureCache, prepare_backbone
 
     torch.set_num_threads(1)
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[:n]

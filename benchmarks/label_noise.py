@@ -26,8 +26,9 @@ import torch
 from ursa.config import DataConfig, TrainConfig
 from ursa.data.split import build_split
 from ursa.interpret.issues import search_issues
-from ursa.train.learner import Head, Learner
-from ursa.train.recipe import cached_features, prepare_backbone
+from ursa.models import Head
+from ursa.train.features import cached_features, prepare_backbone
+from ursa.train.learner import Learner
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "data" / "monkey10"

@@ -43,7 +43,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from ursa.data.images import eval_min_side
+    from ursa.imageio import eval_min_side
     from ursa.data.transforms import eval_transform, open_image
     from ursa.export import load_model
 

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--ursa-fine-tune", type=int, default=3, help="epochs for the Ursa --fine-tune contender on 10-shot")
     args = ap.parse_args()
 
-    from ursa.cli import tune_allocator
+    from ursa.train.runtime import tune_allocator
 
     tune_allocator()
     import torch

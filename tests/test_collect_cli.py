@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from test_collect_server import FaultServer, server  # noqa: F401 - fixture
-from ursa.cli import main
 from ursa.collect import search
 from ursa.collect.manifest import Manifest
 from ursa.collect.search import SearchResult
 
-
-def ursa(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, str, str]:
-    """Run `ursa ARGV` as the console script does: (exit code, stdout, stderr with line breaks folded)."""
-    monkeypatch.setattr(sys, "argv", ["ursa", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
+if TYPE_CHECKING:
+    from conftest import FaultServer
 
 
 class FakeProvider:
@@ -44,39 +34,39 @@ def lists(tmp_path: Path, server: FaultServer, monkeypatch: pytest.MonkeyPatch) 
     return server
 
 
-def test_readme_commands(lists: FaultServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, out, err = ursa(capsys, monkeypatch, "download", "urls_teddys.txt", "--dest", "data/bears/teddy", "--max", "200")
+def test_readme_commands(lists: FaultServer, console_script, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    code, out, err = console_script("download", "urls_teddys.txt", "--dest", "data/bears/teddy", "--max", "200")
     assert code == 0, err
     assert "teddy" in out and "http 404 1" in " ".join(out.split())
     assert "urls_teddys.txt: 6 URLs" in err
     rows = Manifest.load("data/bears").rows
     assert len(rows) == 7 and sum(r["status"] == "ok" for r in rows.values()) == 5
 
-    code, out, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddys.txt", "urls_black.txt", "--dest", "data/bears")
+    code, out, err = console_script("download", "--lists", "urls_teddys.txt", "urls_black.txt", "--dest", "data/bears")
     assert code == 0, err
     assert len(list(Path("data/bears/teddys").iterdir())) == 5 and len(list(Path("data/bears/black").iterdir())) == 4
 
     monkeypatch.setitem(search.PROVIDERS, "duckduckgo", lambda: FakeProvider([lists.url(f"img/{i}") for i in range(20, 26)]))
-    code, out, err = ursa(capsys, monkeypatch, "search", "grizzly bear", "--dest", "data/bears/grizzly", "--max", "150")
+    code, out, err = console_script("search", "grizzly bear", "--dest", "data/bears/grizzly", "--max", "150")
     assert code == 0, err
     grizzly = [r for r in Manifest.load("data/bears").rows.values() if r["class"] == "grizzly"]
     assert len(grizzly) == 6 and {r["query"] for r in grizzly} == {"grizzly bear"}
     assert grizzly[0]["source"].startswith("https://page.test/")
     assert list(Path("data/bears/.ursa/search").glob("duckduckgo-grizzly-bear-*.json"))
 
-    code, out, err = ursa(capsys, monkeypatch, "verify", "data/bears", "--max-size", "500")
+    code, out, err = console_script("verify", "data/bears", "--max-size", "500")
     assert code == 0, err
     assert "teddys" in out and "grizzly" in out and "quarantined" in out
     assert "same bytes (across classes)" in " ".join(out.split())  # teddy and teddys hold the same pictures
 
     lists.broken = False
-    code, out, err = ursa(capsys, monkeypatch, "download", "urls_teddys.txt", "--dest", "data/bears/teddy", "--retry-failed")
+    code, out, err = console_script("download", "urls_teddys.txt", "--dest", "data/bears/teddy", "--retry-failed")
     assert code == 0, err
     assert Manifest.load("data/bears").get("teddy", lists.url("toggle/t"))["status"] == "ok"  # type: ignore[index]
 
 
-def test_quoted_glob_is_expanded(lists: FaultServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_*.txt", "--dest", "data")
+def test_quoted_glob_is_expanded(lists: FaultServer, console_script) -> None:  # noqa: ANN001
+    code, _, err = console_script("download", "--lists", "urls_*.txt", "--dest", "data")
     assert code == 0, err
     assert sorted(p.name for p in Path("data").iterdir()) == [".ursa", "black", "teddys"]
 
@@ -100,29 +90,28 @@ def test_quoted_glob_is_expanded(lists: FaultServer, capsys: pytest.CaptureFixtu
         (["search", "bear", "--dest", "data/a", "--provider", "altavista"], "Unknown search provider"),
     ],
 )
-def test_bad_input_exits_2_with_a_message(argv: list[str], message: str, lists: FaultServer,
-                                          capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_bad_input_exits_2_with_a_message(argv: list[str], message: str, lists: FaultServer, console_script) -> None:  # noqa: ANN001
     Path("binary.txt").write_bytes(b"\x00\x01\x02" * 100)
     Path("afile").write_text("a file, not a folder")
-    code, _, err = ursa(capsys, monkeypatch, *argv)
+    code, _, err = console_script(*argv)
     assert code == 2
     assert message in err
 
 
-def test_search_without_the_library_suggests_url_lists(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_without_the_library_suggests_url_lists(tmp_path: Path, console_script, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "ddgs", None)
-    code, _, err = ursa(capsys, monkeypatch, "search", "grizzly bear", "--dest", "data/bears/grizzly")
+    code, _, err = console_script("search", "grizzly bear", "--dest", "data/bears/grizzly")
     assert code == 2
     assert "pip install ddgs" in err and "ursa download urls.txt" in err
 
 
-def test_verify_no_repair_lists_what_it_would_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_no_repair_lists_what_it_would_fix(tmp_path: Path, console_script, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)
     Path("data/a").mkdir(parents=True)
     Image.new("CMYK", (8, 8)).save("data/a/x.jpg")
-    code, out, err = ursa(capsys, monkeypatch, "verify", "data", "--no-repair")
+    code, out, err = console_script("verify", "data", "--no-repair")
     assert code == 0, err
     assert "needs repair: a/x.jpg: CMYK -> RGB" in " ".join(out.split())

@@ -12,18 +12,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from test_collect_server import FaultServer, bomb_png, make_jpeg, make_png, server  # noqa: F401 - fixture
+import ursa.collect._fetch_processes as fp
 import ursa.collect.download as dl
 from ursa._io import dataset_lock
-from ursa.collect.download import Job, NotAnImage, download, jobs_from_list, sniff_image, split_dest
-from ursa.collect.manifest import Manifest, manifest_path
+from ursa.collect.download import Job, download, jobs_from_list, split_dest
+from ursa.errors import BadImageError
+from ursa.imageio import sniff_image
+from ursa.collect.manifest import Manifest, ManifestSaver, manifest_path
 from ursa.collect.urls import parse_url_text
 from ursa.config import CollectConfig
 from ursa.errors import CollectError
+
+if TYPE_CHECKING:
+    from conftest import FaultServer
 
 FAST = CollectConfig(timeout=0.5, total_timeout=1.0, backoff=0.01, max_bytes=2**20)
 
@@ -55,7 +61,7 @@ FAILURES = [
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "helper-process"])
 def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultServer, tmp_path: Path, processes: int,
-                                                                   ready_helpers: list[dl._FetchProcesses]) -> None:  # fmt: skip
+                                                                   ready_helpers: list[fp.FetchProcesses]) -> None:  # fmt: skip
     """Also through a helper process: its failures come back with the same reasons, retried the same way."""
     server.hang_s = 1.5
     good = [server.url(f"img/{i}.jpg") for i in range(3)]
@@ -79,7 +85,7 @@ def test_every_failure_kind_is_a_manifest_row_and_the_run_goes_on(server: FaultS
     assert server.hits["/hang/x.jpg"] == 1
 
 
-def test_files_are_named_in_order_typed_by_content_and_stored_once(server: FaultServer, tmp_path: Path) -> None:
+def test_files_are_named_in_order_typed_by_content_and_stored_once(server: FaultServer, tmp_path: Path, make_jpeg) -> None:  # noqa: ANN001
     urls = [server.url("img/1.jpg?w=960"), server.url("png/2"), server.url("same/a.jpg"), server.url("same/b.jpg"),
             server.url("redirect/7"), server.url("img/1.jpg?again")]  # fmt: skip
     lst = parse_url_text("\n".join(urls), source="urls_teddy.txt")
@@ -201,7 +207,7 @@ def _helpers() -> list[str]:
     for d in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             cmd = (d / "cmdline").read_bytes()
-            if b"_fetch_helper" in cmd:
+            if b"\0ursa.collect._fetch_processes\0" in cmd:  # python -m ursa.collect._fetch_processes <fd>
                 out.append(cmd.decode(errors="replace"))
     return out
 
@@ -214,26 +220,27 @@ def _wait_for_no_helpers(timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def ready_helpers(monkeypatch: pytest.MonkeyPatch) -> list[dl._FetchProcesses]:
+def ready_helpers(monkeypatch: pytest.MonkeyPatch) -> list[fp.FetchProcesses]:
     """Fetch helpers that are running before the first URL is placed (a slow machine may take longer to
     start one than a small test run lasts, and the run would then fetch everything itself); the list
     collects them."""
-    started: list[dl._FetchProcesses] = []
+    started: list[fp.FetchProcesses] = []
 
-    class Ready(dl._FetchProcesses):
+    class Ready(fp.FetchProcesses):
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             for i, conn in enumerate(self.conns):
                 assert conn.poll(60), "a fetch helper did not start"
                 self._receive(i)  # its 'ready' message
             assert all(self.ready)
+            assert len(_helpers()) >= len(self.procs), "_helpers() no longer recognises a helper's command line"
             started.append(self)
 
-    monkeypatch.setattr(dl, "_FetchProcesses", Ready)
+    monkeypatch.setattr(dl, "FetchProcesses", Ready)  # the class download() starts
     return started
 
 
-def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path: Path, ready_helpers: list[dl._FetchProcesses]) -> None:
+def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path: Path, ready_helpers: list[fp.FetchProcesses]) -> None:
     """Killing the fetch helper fails its in-flight URLs as transient; they are retried here and the run completes."""
     server.delay = 0.05
     started = ready_helpers
@@ -256,7 +263,7 @@ def test_a_helper_that_dies_mid_run_loses_nothing(server: FaultServer, tmp_path:
     assert log.is_file()
 
 
-def test_what_a_helper_prints_is_kept_and_a_clean_run_leaves_no_log(server: FaultServer, tmp_path: Path, ready_helpers: list[dl._FetchProcesses]) -> None:
+def test_what_a_helper_prints_is_kept_and_a_clean_run_leaves_no_log(server: FaultServer, tmp_path: Path, ready_helpers: list[fp.FetchProcesses]) -> None:
     urls = [server.url(f"img/{i}") for i in range(40)]
     report = download([Job(u, "a") for u in urls[:20]], tmp_path, config=CollectConfig(concurrency=4, processes=2))
     assert report.processes == 2 and report.notes == [] and not (tmp_path / ".ursa" / "fetch-processes.log").exists()
@@ -283,14 +290,14 @@ def test_what_a_helper_prints_is_kept_and_a_clean_run_leaves_no_log(server: Faul
 
 def test_processes_by_cpu_count_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert dl._processes(CollectConfig(), 100) == 1  # too few URLs to pay for starting a process
-    assert dl._processes(CollectConfig(), 2000) == 2
-    assert dl._processes(CollectConfig(processes=3), 10) == 3
+    assert fp.process_count(CollectConfig(), 100) == 1  # too few URLs to pay for starting a process
+    assert fp.process_count(CollectConfig(), 2000) == 2
+    assert fp.process_count(CollectConfig(processes=3), 10) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert dl._processes(CollectConfig(), 2000) == 1
+    assert fp.process_count(CollectConfig(), 2000) == 1
 
 
-def test_a_users_own_file_with_the_same_bytes_is_adopted(server: FaultServer, tmp_path: Path) -> None:
+def test_a_users_own_file_with_the_same_bytes_is_adopted(server: FaultServer, tmp_path: Path, make_jpeg) -> None:  # noqa: ANN001
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "mine.jpg").write_bytes(make_jpeg(4))
     download([Job(server.url("img/4"), "a"), Job(server.url("img/5"), "a")], tmp_path)
@@ -353,7 +360,7 @@ def test_redirect_to_a_non_http_url_fails_cleanly(tmp_path: Path) -> None:
     assert rows(tmp_path)["http://example.test/x.jpg"]["reason"].startswith("bad url")
 
 
-def test_works_inside_a_running_event_loop(tmp_path: Path) -> None:
+def test_works_inside_a_running_event_loop(tmp_path: Path, make_png) -> None:  # noqa: ANN001
     """Notebooks run an event loop; download() must still work when called from one."""
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=make_png(3))
@@ -374,17 +381,22 @@ def test_manifest_lives_at_the_root(tmp_path: Path) -> None:
     ("data", "reason"),
     [(b"", "empty"), (b"<!DOCTYPE html><html>", "an HTML page"), (b'{"error": 1}', "JSON"),
      (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"), (b"GIF89a" + b"\x00" * 3, "unreadable header"),
-     (bomb_png(), "decompression bomb"), (b"\x00\x01garbage", "unknown format")],
+     (b"\x00\x01garbage", "unknown format")],
 )  # fmt: skip
 def test_sniff_image_refuses(data: bytes, reason: str) -> None:
-    with pytest.raises(NotAnImage, match=reason):
+    with pytest.raises(BadImageError, match=reason):
         sniff_image(data)
 
 
-def test_sniff_image_reads_only_the_header() -> None:
+def test_sniff_image_refuses_a_decompression_bomb(bomb_png) -> None:  # noqa: ANN001
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        sniff_image(bomb_png())
+
+
+def test_sniff_image_reads_only_the_header(make_jpeg, make_png) -> None:  # noqa: ANN001
     assert sniff_image(make_png(1, (30, 20))) == (".png", 30, 20)
     assert sniff_image(make_jpeg(1)) == (".jpg", 24, 16)
-    with pytest.raises(NotAnImage, match="decompression bomb"):
+    with pytest.raises(BadImageError, match="decompression bomb"):
         sniff_image(make_png(1, (30, 20)), max_pixels=100)
 
 
@@ -397,7 +409,7 @@ def test_class_names_must_be_plain_folder_names(tmp_path: Path, cls: str) -> Non
 
 def test_manifest_saver_never_replaces_a_newer_save_with_an_older_one(tmp_path: Path) -> None:
     manifest = Manifest.load(tmp_path)
-    saver = dl._ManifestSaver(tmp_path, manifest)
+    saver = ManifestSaver(tmp_path, manifest)
     manifest.put({"class": "a", "url": "http://x/1", "status": "ok"})
     older = saver.take()
     manifest.put({"class": "a", "url": "http://x/2", "status": "ok"})

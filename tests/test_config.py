@@ -40,7 +40,17 @@ BAD: dict[type, dict[str, list[object]]] = {
         "batch_size": [0, -32, 16.0, True],
         "threads": [0, -1, 2.0],
         "tta": ["yes", None],
-        "extra": [None, ["device", "cpu"]],
+        "view_budget": [0, -1, 1.5, None],
+        "num_workers": [-1, 0.5, None],
+        "dropout": [-0.1, 1.0, math.nan, None],
+        "head_batch_size": [0, 8.0, True],
+        "wd": [-0.01, math.inf, None],
+        "label_smoothing": [-0.1, 1.0, "0.1"],
+        "fine_tune_label_smoothing": [-0.1, 1.0, None],
+        "fine_tune_size": [0, 31, 4096, 64.0],
+        "device": ["gpu", "", None],
+        "precision": ["fp8", "FP16", None],
+        "channels_last": ["yes", 1],
     },
     CollectConfig: {
         "max_images": [0, -5, 1.5],
@@ -119,6 +129,24 @@ def test_replace_checks_too() -> None:
         dataclasses.replace(TrainConfig(), batch_size=0)
 
 
+def test_train_config_reads_config_json_of_runs_written_before_the_typed_fields() -> None:
+    """Old runs kept ten settings as strings under "extra"; they are read into their fields, with their old meaning."""
+    old = {**to_dict(TrainConfig()), "fine_tune": 2}
+    for name in ("view_budget", "num_workers", "dropout", "head_batch_size", "wd", "label_smoothing", "fine_tune_label_smoothing", "fine_tune_size", "device", "precision", "channels_last"):
+        del old[name]
+    old["extra"] = {"device": "cpu", "precision": "bf16", "head_bs": "16", "label_smoothing": 0.2, "fine_tune_size": 0, "view_budget": 300, "channels_last": 1, "note": "ignored"}
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.device, cfg.precision, cfg.head_batch_size, cfg.view_budget, cfg.fine_tune) == ("cpu", "bf16", 16, 300, 2)
+    assert cfg.label_smoothing == cfg.fine_tune_label_smoothing == 0.2 and cfg.fine_tune_size is None and cfg.channels_last is True
+    assert TrainConfig.from_dict(to_dict(cfg)) == cfg  # what a run writes now reads back unchanged
+    with pytest.raises(TrainError, match=r"TrainConfig.precision.*got 'fp8'"):
+        TrainConfig.from_dict({"extra": {"precision": "fp8"}})
+    with pytest.raises(TrainError, match="head_batch_size"):
+        TrainConfig.from_dict({"extra": {"head_bs": "many"}})
+    with pytest.raises(TrainError, match=r"unknown fields \['colour'\]"):
+        TrainConfig.from_dict({"colour": "red"})
+
+
 def test_paths_are_kept_as_text() -> None:
     """A pathlib.Path from Python is stored as str, so config.json can hold it."""
     cfg = DataConfig(labels=Path("data") / "cleaned.csv")
@@ -168,7 +196,7 @@ def test_cli_defaults_are_the_config_defaults() -> None:
     """One default per setting: `ursa train --bs` was 32 while TrainConfig.batch_size was 64."""
     train, data = TrainConfig(), DataConfig()
     got = _defaults("train")
-    for name in ("arch", "head", "c", "epochs", "views", "fine_tune", "fine_tune_lr", "batch_size"):
+    for name in ("arch", "head", "c", "epochs", "views", "fine_tune", "fine_tune_lr", "batch_size", "device", "precision"):
         assert got[name] == getattr(train, name), name
     for name in ("valid_pct", "seed", "flip", "allow_new_labels"):
         assert got[name] == getattr(data, name), name

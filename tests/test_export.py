@@ -9,6 +9,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -18,20 +19,20 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import draw_example
-from export_fixtures import Built, build
 from ursa import export as ex
-from ursa.errors import ExportError
+from ursa.errors import BadImageError, ExportError, ImageTooLargeError, NotAnImageError
+from ursa.export import run as export_steps
+from ursa.export.artifact import content_sha256, sha256
+from ursa.imageio import decode_image
 
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
+if TYPE_CHECKING:
+    from conftest import Built
 
 
 @pytest.fixture
 def fast_convert(built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
     """Re-exports of the same run reuse the session's ONNX bytes instead of converting again (seconds each)."""
-    monkeypatch.setattr(ex, "_to_onnx", lambda *a, **k: built.onnx_bytes)
+    monkeypatch.setattr(export_steps, "to_onnx", lambda *a, **k: built.onnx_bytes)
 
 
 def copy_export(built: Built, tmp_path: Path) -> Path:
@@ -43,7 +44,7 @@ def copy_export(built: Built, tmp_path: Path) -> Path:
 def write_meta(folder: Path, meta: dict) -> None:
     """Write an edited model.json with its content_sha256 recomputed (as someone hiding an edit would, or as
     an export of a model with that content), so the checks behind the hash are what is tested."""
-    meta["content_sha256"] = ex._content_sha256(meta)
+    meta["content_sha256"] = content_sha256(meta)
     (folder / "model.json").write_text(json.dumps(meta))
 
 
@@ -51,7 +52,7 @@ def rewrite_hash(folder: Path, name: str) -> None:
     """Update model.json for a replaced file, as someone hiding a swap would."""
     meta = json.loads((folder / "model.json").read_text())
     data = (folder / name).read_bytes()
-    meta["files"][name] = {"sha256": ex._sha256(data), "bytes": len(data)}
+    meta["files"][name] = {"sha256": sha256(data), "bytes": len(data)}
     write_meta(folder, meta)
 
 
@@ -59,7 +60,7 @@ def rewrite_hash(folder: Path, name: str) -> None:
 
 
 def _reference(path: Path, data_config: dict) -> np.ndarray:
-    from ursa.data.images import eval_min_side
+    from ursa.imageio import eval_min_side
     from ursa.data.transforms import eval_transform, open_image
 
     return eval_transform(data_config)(open_image(path, min_side=eval_min_side(data_config))).numpy()[None]
@@ -90,9 +91,9 @@ def test_preprocess_matches_training_eval_transform(tmp_path: Path, kind: str, s
         base.resize((30, 20)).save(path)
     else:
         base.convert("P").save(path)
-    from ursa.data.images import eval_min_side
+    from ursa.imageio import eval_min_side
 
-    got = ex.preprocess(ex.decode_image(path, min_side=eval_min_side(dc)), dc)
+    got = ex.preprocess(decode_image(path, min_side=eval_min_side(dc)), dc)
     ref = _reference(path, dc)
     assert got.shape == ref.shape == (1, 3, size, size) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
@@ -111,16 +112,16 @@ def test_preprocess_matches_eval_transform_for_any_size(w: int, h: int, crop: fl
 
 def test_decode_errors(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("hello")
-    with pytest.raises(ex.NotAnImageError, match="not an image"):
-        ex.decode_image(tmp_path / "a.txt")
-    with pytest.raises(ex.BadImageError, match="does not exist"):
-        ex.decode_image(tmp_path / "missing.jpg")
+    with pytest.raises(NotAnImageError, match="not an image"):
+        decode_image(tmp_path / "a.txt")
+    with pytest.raises(BadImageError, match="does not exist"):
+        decode_image(tmp_path / "missing.jpg")
     good = tmp_path / "g.jpg"
     draw_example(0, 0, size=128).save(good)
-    with pytest.raises(ex.BadImageError, match="damaged or truncated"):
-        ex.decode_image(good.read_bytes()[:300])
-    with pytest.raises(ex.ImageTooLargeError, match="megapixels"):
-        ex.decode_image(good, max_pixels=100)
+    with pytest.raises(BadImageError, match="damaged or truncated"):
+        decode_image(good.read_bytes()[:300])
+    with pytest.raises(ImageTooLargeError, match="megapixels"):
+        decode_image(good, max_pixels=100)
 
 
 # ---- the export folder ----
@@ -131,11 +132,11 @@ def test_export_folder_is_plain_data_with_hashes(built: Built) -> None:
     assert names == ["model.json", "model.onnx", "model.safetensors"]
     meta = json.loads((built.export / "model.json").read_text())
     assert meta["format"] == ex.FORMAT and meta["classes"] == ["bear", "cat", "dog"]
-    assert meta["format_version"] == 2 and meta["content_sha256"] == ex._content_sha256(meta) != ex._content_sha256({**meta, "classes": ["bear", "cat", "eel"]})
+    assert meta["format_version"] == 2 and meta["content_sha256"] == content_sha256(meta) != content_sha256({**meta, "classes": ["bear", "cat", "eel"]})
     assert meta["preprocess"]["input_size"] == [3, 64, 64] and meta["timm_name"] == "tf_efficientnet_lite0"
     assert meta["preprocess"]["crop_mode"] == "center" and "center crop" in meta["preprocess"]["steps"]
     for name in ("model.onnx", "model.safetensors"):
-        assert meta["files"][name]["sha256"] == ex._sha256((built.export / name).read_bytes())
+        assert meta["files"][name]["sha256"] == sha256((built.export / name).read_bytes())
     assert 0 <= meta["onnx"]["max_abs_diff_logits"] <= ex.ONNX_TOLERANCE and meta["onnx"]["checked_images"] > 0
     assert {"torch", "onnxruntime", "timm", "python"} <= set(meta["versions"])
     assert meta["metrics"]["training"]["n_valid"] == meta["metrics"]["export_valid"]["n"]
@@ -326,9 +327,9 @@ def test_a_drafted_jpeg_is_never_enlarged_again(built: Built, tmp_path: Path) ->
     photo = tmp_path / "p.jpg"
     draw_example(0, 9, size=256).resize((180, 140)).save(photo, quality=95)
     model = ex.load_model(built.export)
-    whole = ex.preprocess(ex.decode_image(photo), model.data_config)  # decoded at full size, no draft
+    whole = ex.preprocess(decode_image(photo), model.data_config)  # decoded at full size, no draft
     np.testing.assert_array_equal(model.load(photo), whole)
-    assert np.abs(ex.preprocess(ex.decode_image(photo, min_side=64), model.data_config) - whole).max() > 0.05  # the old rule's input
+    assert np.abs(ex.preprocess(decode_image(photo, min_side=64), model.data_config) - whole).max() > 0.05  # the old rule's input
 
 
 @pytest.mark.parametrize("mode", ["squash", "border"])
@@ -446,7 +447,7 @@ def test_export_when_the_dataset_moved(built: Built, tmp_path: Path, fast_conver
 
 
 def test_export_fails_when_onnx_differs_from_pytorch(built: Built, tmp_path: Path, fast_convert: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ex, "ONNX_TOLERANCE", -1.0)
+    monkeypatch.setattr(export_steps, "ONNX_TOLERANCE", -1.0)  # the limit export_run checks
     with pytest.raises(ExportError, match="differs from PyTorch"):
         ex.export_run(built.run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -12,8 +12,7 @@ from conftest import make_dataset
 from ursa.config import TrainConfig
 from ursa.errors import TrainError
 from ursa.models import Backbone
-from ursa.train.features import PLAIN, FeatureCache
-from ursa.train.recipe import prepare_backbone
+from ursa.train.features import PLAIN, FeatureCache, prepare_backbone
 
 AUG = 2  # a seeded augmented view: the hardest to reproduce exactly
 

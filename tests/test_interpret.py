@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interpret_data import planted_run
 from ursa.errors import InterpretError
 from ursa.interpret.analysis import ClassificationInterpretation
 
@@ -53,8 +52,8 @@ def test_bad_shapes_and_missing_runs(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return planted_run(tmp_path_factory.mktemp("issue4"))[1]
+def run(planted_run) -> Path:  # noqa: ANN001
+    return planted_run[1]
 
 
 def test_from_run_and_top_losses(run: Path, tmp_path: Path) -> None:

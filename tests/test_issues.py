@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from interpret_data import draw, planted_run
 from ursa.errors import InterpretError
 from ursa.interpret.issues import (
     ISSUE_COLUMNS,
@@ -84,8 +83,8 @@ def test_outlier_scores_single_out_the_far_point() -> None:
     assert int(np.argmax(s)) == len(x) - 1
 
 
-def test_quality_flags_on_images(tmp_path: Path) -> None:
-    ok = draw("circle", 0, size=64)
+def test_quality_flags_on_images(tmp_path: Path, draw_shape) -> None:  # noqa: ANN001
+    ok = draw_shape("circle", 0, size=64)
     ok.save(tmp_path / "ok.png")
     Image.fromarray((np.asarray(ok, np.float32) * 0.05).astype(np.uint8)).save(tmp_path / "dark.png")
     Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(tmp_path / "bright.png")
@@ -96,9 +95,27 @@ def test_quality_flags_on_images(tmp_path: Path) -> None:
     assert "dark" in kinds["dark"] and "bright" in kinds["bright"] and "blurry" in kinds["blurry"] and "tiny" in kinds["tiny"]
 
 
+def test_an_image_that_cannot_be_measured_is_unreadable_not_tiny(tmp_path: Path, draw_shape) -> None:  # noqa: ANN001
+    """Regression: a file the quality pass could not open was reported as kind "tiny" with score 0."""
+    from ursa.interpret.issues import KINDS, search_issues
+    from ursa.web.review_app import KIND_TITLES
+
+    x, y = _blobs(n_per=4, d=8)
+    names = []
+    for i in range(len(y)):
+        draw_shape("circle", i, size=64).save(tmp_path / f"{i}.png")
+        names.append(f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not an image any more")
+    rep = search_issues(tmp_path, names, y, [i % 4 == 0 for i in range(len(y))], [[row] for row in x], ["a", "b", "c"], folds=2, seed=0)
+    bad = [it for it in rep.issues if it.name == "3.png" and it.kind in ("tiny", "unreadable")]
+    assert [(it.kind, it.score) for it in bad] == [("unreadable", None)] and "could not be opened" in bad[0].detail
+    assert rep.summary["counts"]["unreadable"] == 1 and rep.summary["counts"]["tiny"] == 0
+    assert set(KIND_TITLES) == set(KINDS)  # the review page has a title for every kind
+
+
 @pytest.fixture(scope="session")
-def searched(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    planted, run = planted_run(tmp_path_factory.mktemp("issue4"))
+def searched(planted_run):  # noqa: ANN001, ANN201
+    planted, run = planted_run
     return planted, run, find_issues(run)
 
 
@@ -144,6 +161,22 @@ def test_issues_cli_writes_csv_and_report(searched, run_cli) -> None:  # noqa: A
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "Issues found" in html
     assert "src='http" not in html and 'src="http' not in html  # self-contained
+
+
+def test_find_issues_reads_a_run_written_before_the_typed_train_settings(searched, tmp_path: Path) -> None:  # noqa: ANN001
+    """Runs written before TrainConfig's typed fields kept ten settings under "extra"; they still search."""
+    import shutil
+
+    _, run, rep = searched
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for name in ("view_budget", "num_workers", "dropout", "head_batch_size", "wd", "label_smoothing", "fine_tune_label_smoothing", "fine_tune_size", "device", "precision", "channels_last"):
+        cfg["train"].pop(name)
+    cfg["train"]["extra"] = {"device": "cpu", "num_workers": 0}
+    (old / "config.json").write_text(json.dumps(cfg))
+    again = find_issues(old)
+    assert again.to_csv() == rep.to_csv()
 
 
 def test_find_issues_errors(tmp_path: Path, run_cli) -> None:  # noqa: ANN001

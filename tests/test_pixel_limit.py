@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from ursa.config import MAX_PIXELS, CollectConfig, VerifyConfig
-from ursa.data import images
-from ursa.errors import DataError
+from ursa import imageio as images
+from ursa.errors import ImageTooLargeError
 
 
 def big_png(width: int = 12_000, height: int = 12_000) -> bytes:
@@ -59,17 +59,17 @@ def test_the_file_is_what_it_claims(big: Path) -> None:
 
 def test_every_stage_has_the_same_limit() -> None:
     from ursa import export
-    from ursa.collect.download import sniff_image
+    from ursa.imageio import sniff_image
 
     assert images.MAX_PIXELS == MAX_PIXELS == export.MAX_PIXELS == CollectConfig().max_pixels == VerifyConfig().max_pixels
     assert sniff_image.__kwdefaults__["max_pixels"] == MAX_PIXELS
-    assert export.decode_image.__kwdefaults__["max_pixels"] == MAX_PIXELS
+    assert images.decode_image.__kwdefaults__["max_pixels"] == MAX_PIXELS
 
 
 def test_download_refuses_it(big: Path, no_bomb_warning: None) -> None:
-    from ursa.collect.download import NotAnImage, sniff_image
+    from ursa.imageio import sniff_image
 
-    with pytest.raises(NotAnImage, match="12000x12000 = 144.0 megapixels, over the limit of 40 megapixels"):
+    with pytest.raises(ImageTooLargeError, match="12000x12000 = 144.0 megapixels, over the limit of 40 megapixels"):
         sniff_image(big.read_bytes())
 
 
@@ -89,14 +89,14 @@ def test_training_skips_it_with_the_reason(big: Path, no_bomb_warning: None) -> 
     from ursa.data.loaders import ImageDataset
     from ursa.data.transforms import open_image
 
-    with pytest.raises(DataError, match=r"big.png is 12000x12000 = 144.0 megapixels, over the limit of 40 megapixels.*Shrink it"):
+    with pytest.raises(ImageTooLargeError, match=r"big.png is 12000x12000 = 144.0 megapixels, over the limit of 40 megapixels.*Shrink it"):
         open_image(big)
     ds = ImageDataset(big.parent.parent, [Item("cats/big.png", "cats")], ["cats"], lambda im: im, size=32)
     assert ds[0] is None and "over the limit of 40 megapixels" in ds.failed["cats/big.png"]
 
 
 def test_serving_refuses_it(big: Path, no_bomb_warning: None) -> None:
-    from ursa.export import ImageTooLargeError, decode_image
+    from ursa.imageio import decode_image
 
     with pytest.raises(ImageTooLargeError, match="144.0 megapixels, over the limit of 40"):
         decode_image(big.read_bytes())
@@ -105,11 +105,11 @@ def test_serving_refuses_it(big: Path, no_bomb_warning: None) -> None:
 def test_open_checked_turns_pillows_bomb_error_into_the_same_refusal(tmp_path: Path, no_bomb_warning: None) -> None:
     huge = tmp_path / "huge.png"
     huge.write_bytes(big_png(20_000, 20_000))  # over twice Pillow's own limit: Pillow raises, not warns
-    with pytest.raises(DataError, match="too large to decode safely.*40 megapixels"):
+    with pytest.raises(ImageTooLargeError, match="too large to decode safely.*40 megapixels"):
         images.open_checked(huge)
     with images.open_checked(big_png(100, 100), name="small.png") as im:
         assert im.size == (100, 100)
-    with pytest.raises(DataError, match="small.png is 100x100"):
+    with pytest.raises(ImageTooLargeError, match="small.png is 100x100"):
         images.open_checked(big_png(100, 100), name="small.png", max_pixels=9_999)
 
 

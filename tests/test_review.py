@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from interpret_data import make_review_case, tree_digest
 from ursa.errors import ReviewError
 from ursa.review import Review, ReviewConflict, dataset_labels
 from ursa.web.review_app import create_review_app, image_id
-
-
-@pytest.fixture
-def case(tmp_path: Path) -> tuple[Path, Path]:
-    return make_review_case(tmp_path)
 
 
 def _csv(path: Path) -> dict[str, str]:
@@ -25,8 +19,8 @@ def _csv(path: Path) -> dict[str, str]:
         return {r["name"]: r["label"] for r in csv.DictReader(fh)}
 
 
-def test_decisions_fold_latest_wins_and_undo(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_decisions_fold_latest_wins_and_undo(review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     rv = Review(root)
     rv.decide("square/001.png", "relabel", label="circle")
     rv.decide("square/001.png", "delete")
@@ -40,8 +34,8 @@ def test_decisions_fold_latest_wins_and_undo(case) -> None:  # noqa: ANN001
     assert len(rv.lines()) == 4  # append-only: two decisions, two undos
 
 
-def test_stale_version_conflicts_and_changes_nothing(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_stale_version_conflicts_and_changes_nothing(review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     rv = Review(root)
     rv.decide("square/001.png", "keep", expected_version=0)
     before = rv.journal.read_bytes()
@@ -50,8 +44,8 @@ def test_stale_version_conflicts_and_changes_nothing(case) -> None:  # noqa: ANN
     assert rv.journal.read_bytes() == before
 
 
-def test_bad_decisions_are_refused(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_bad_decisions_are_refused(review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     rv = Review(root)
     with pytest.raises(ReviewError, match="unknown action"):
         rv.decide("square/001.png", "burn")
@@ -62,8 +56,8 @@ def test_bad_decisions_are_refused(case) -> None:  # noqa: ANN001
     assert rv.lines() == []
 
 
-def test_apply_then_undo_restores_byte_for_byte(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_apply_then_undo_restores_byte_for_byte(review_case, tree_digest) -> None:  # noqa: ANN001
+    root, _ = review_case
     before = tree_digest(root)
     rv = Review(root)
     rv.decide("square/001.png", "relabel", label="circle")
@@ -86,8 +80,8 @@ def test_apply_then_undo_restores_byte_for_byte(case) -> None:  # noqa: ANN001
     assert ops == ["decide", "decide", "decide", "apply", "applied", "unapply"]  # the plan, its completion, its undo
 
 
-def test_apply_keeps_a_users_cleaned_csv(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_apply_keeps_a_users_cleaned_csv(review_case, tree_digest) -> None:  # noqa: ANN001
+    root, _ = review_case
     labels = dataset_labels(root)
     user = "name,label\n" + "".join(f"{n},{lab}\n" for n, lab in labels.items())
     (root / "cleaned.csv").write_text(user)
@@ -100,8 +94,8 @@ def test_apply_keeps_a_users_cleaned_csv(case) -> None:  # noqa: ANN001
     assert tree_digest(root) == before
 
 
-def test_apply_and_undo_errors(case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_apply_and_undo_errors(review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     rv = Review(root)
     with pytest.raises(ReviewError, match="nothing to apply"):
         rv.apply()
@@ -120,8 +114,8 @@ def test_apply_and_undo_errors(case) -> None:  # noqa: ANN001
 
 
 @pytest.fixture
-def client(case) -> TestClient:  # noqa: ANN001
-    root, run = case
+def client(review_case) -> TestClient:  # noqa: ANN001
+    root, run = review_case
     return TestClient(create_review_app(root, run), base_url="http://127.0.0.1")  # a loopback Host, as the app requires
 
 
@@ -134,8 +128,8 @@ def test_state_groups_findings_by_kind(client: TestClient) -> None:
     assert client.get("/static/review.js").status_code == 200
 
 
-def test_images_only_by_known_id_from_inside_the_root(client: TestClient, case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_images_only_by_known_id_from_inside_the_root(client: TestClient, review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     r = client.get(f"/img/{image_id('square/001.png')}")
     assert r.status_code == 200 and r.content == (root / "square/001.png").read_bytes()
     for bad in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "square%2F001.png", "ABCDEF012345"):
@@ -147,29 +141,29 @@ def test_images_only_by_known_id_from_inside_the_root(client: TestClient, case) 
     assert client.get("/img/../../etc/passwd").status_code == 404
 
 
-def test_decide_errors_change_nothing(client: TestClient, case) -> None:  # noqa: ANN001
-    root, _ = case
+def test_decide_errors_change_nothing(client: TestClient, review_case) -> None:  # noqa: ANN001
+    root, _ = review_case
     iid = image_id("square/001.png")
     assert client.post("/api/decide", json={"id": "../../x", "action": "delete"}).status_code == 400
     assert client.post("/api/decide", json={"id": "0123456789ab", "action": "delete"}).status_code == 404
     assert client.post("/api/decide", json={"id": iid, "action": "burn"}).status_code == 400
     assert client.post("/api/decide", json={"id": iid, "action": "relabel", "label": "whale"}).status_code == 400
     assert client.post("/api/decide", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
-    assert not (root / ".ursa/review/journal.jsonl").exists() or (root / ".ursa/review/journal.jsonl").read_text() == ""
+    assert not (root / ".ursa/journal.jsonl").exists() or (root / ".ursa/journal.jsonl").read_text() == ""
     r = client.post("/api/decide", json={"id": iid, "action": "relabel", "label": "circle", "version": 0})
     assert r.status_code == 200 and r.json()["item"]["version"] == 1
     # a second tab still showing version 0 loses the race, and nothing changes
-    before = (root / ".ursa/review/journal.jsonl").read_bytes()
+    before = (root / ".ursa/journal.jsonl").read_bytes()
     r = client.post("/api/decide", json={"id": iid, "action": "delete", "version": 0})
     assert r.status_code == 409 and "Reload" in r.json()["error"]
-    assert (root / ".ursa/review/journal.jsonl").read_bytes() == before
+    assert (root / ".ursa/journal.jsonl").read_bytes() == before
     assert client.post("/api/undo", json={}).status_code == 200
     assert client.post("/api/undo", json={}).status_code == 409
     assert client.post("/api/apply", json={}).status_code == 409
 
 
-def test_review_cli_apply_undo(case, run_cli) -> None:  # noqa: ANN001
-    root, run = case
+def test_review_cli_apply_undo(review_case, tree_digest, run_cli) -> None:  # noqa: ANN001
+    root, run = review_case
     before = tree_digest(root)
     Review(root).decide("square/003.png", "delete")
     code, out, err = run_cli("review", root, "--apply")
@@ -184,10 +178,10 @@ def test_review_cli_apply_undo(case, run_cli) -> None:  # noqa: ANN001
     assert code == 2 and "--run" in err
 
 
-def test_review_cli_serves_the_page(case, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_review_cli_serves_the_page(review_case, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     import ursa.web.server
 
-    root, run = case
+    root, run = review_case
     seen = {}
     monkeypatch.setattr(ursa.web.server, "run", lambda app, **kw: seen.update(app=app, **kw))
     code, out, err = run_cli("review", root, "--run", run, "--no-browser", "--port", "8799")
@@ -195,11 +189,11 @@ def test_review_cli_serves_the_page(case, run_cli, monkeypatch: pytest.MonkeyPat
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8799 and "http://127.0.0.1:8799/" in out
 
 
-def test_cleaned_csv_defines_the_next_dataset(case) -> None:  # noqa: ANN001
+def test_cleaned_csv_defines_the_next_dataset(review_case) -> None:  # noqa: ANN001
     from ursa.config import DataConfig
     from ursa.data.split import build_split
 
-    root, _ = case
+    root, _ = review_case
     rv = Review(root)
     rv.decide("square/001.png", "relabel", label="circle")
     rv.decide("circle/copy.png", "delete")
@@ -209,12 +203,12 @@ def test_cleaned_csv_defines_the_next_dataset(case) -> None:  # noqa: ANN001
     assert items["square/001.png"] == "circle" and "circle/copy.png" not in items and split.how == "csv"
 
 
-def test_apply_and_undo_wait_for_a_run_holding_the_dataset_lock(case) -> None:  # noqa: ANN001
+def test_apply_and_undo_wait_for_a_run_holding_the_dataset_lock(review_case, tree_digest) -> None:  # noqa: ANN001
     """A download or verify changing the folder holds its lock; an apply meanwhile would race it."""
     from ursa._io import dataset_lock
     from ursa.errors import CollectError
 
-    root, _ = case
+    root, _ = review_case
     rv = Review(root)
     rv.decide("square/001.png", "delete")
     before = tree_digest(root)

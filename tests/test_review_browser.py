@@ -9,38 +9,19 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from interpret_data import make_review_case
-
 pytestmark = pytest.mark.browser
 
 @pytest.fixture
-def served(tmp_path: Path):
-    import uvicorn
-
+def served(review_case, app_server):  # noqa: ANN001
     from ursa.web.review_app import create_review_app
 
-    root, run = make_review_case(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_review_app(root, run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield root, f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    root, run = review_case
+    with app_server(create_review_app(root, run)) as url:
+        yield root, url + "/"
 
 
 def test_review_page_relabel_delete_reload_undo_apply(browser, served, tmp_path: Path) -> None:  # noqa: ANN001
@@ -99,6 +80,6 @@ def test_review_page_relabel_delete_reload_undo_apply(browser, served, tmp_path:
     assert labels["square/001.png"] == "circle"
     assert "circle/copy.png" not in labels and len(labels) == 12
     assert (root / ".ursa/quarantine/circle/copy.png").is_file() and not (root / "circle/copy.png").exists()
-    ops = [json.loads(x) for x in (root / ".ursa/review/journal.jsonl").read_text().splitlines()]
+    ops = [json.loads(x) for x in (root / ".ursa/journal.jsonl").read_text().splitlines()]
     assert [o["op"] for o in ops] == ["decide", "decide", "undo", "decide", "decide", "apply", "applied"]
     assert ops[-2]["moves"][0]["name"] == "circle/copy.png"

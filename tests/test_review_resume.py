@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from interpret_data import make_review_case, tree_digest
 from ursa.errors import ReviewError
 from ursa.review import Review, dataset_labels
 
@@ -69,14 +68,14 @@ def _csv(path: Path) -> dict[str, str]:
 
 
 def _ops(root: Path) -> list[str]:
-    return [json.loads(x)["op"] for x in (root / ".ursa/review/journal.jsonl").read_text().splitlines()]
+    return [json.loads(x)["op"] for x in (root / ".ursa/journal.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("users_csv", [False, True])
-def test_apply_killed_after_two_of_four_moves_is_finished_by_the_next_apply(tmp_path: Path, run_cli, users_csv: bool) -> None:  # noqa: ANN001
+def test_apply_killed_after_two_of_four_moves_is_finished_by_the_next_apply(tmp_path: Path, review_case, tree_digest, run_cli, users_csv: bool) -> None:  # noqa: ANN001
     """Regression: killed after 2 of 4 moves (cleaned.csv untouched), a second `--apply` said "nothing to
     apply" and the dataset stayed half-changed. Now it makes the two remaining moves and writes cleaned.csv."""
-    root, _ = make_review_case(tmp_path)
+    root, _ = review_case
     if users_csv:
         (root / "cleaned.csv").write_text("name,label\n" + "".join(f"{n},{lab}\n" for n, lab in dataset_labels(root).items()))
     before = tree_digest(root)
@@ -104,10 +103,10 @@ def test_apply_killed_after_two_of_four_moves_is_finished_by_the_next_apply(tmp_
     assert len(Review(root).state().decisions()) == len(DELETES) + 1  # pending again
 
 
-def test_killed_after_the_moves_and_again_while_finishing(tmp_path: Path) -> None:
+def test_killed_after_the_moves_and_again_while_finishing(tmp_path: Path, review_case, tree_digest) -> None:  # noqa: ANN001
     """Killed with every move made but cleaned.csv not yet in place; then the finishing apply is killed right
     after it puts cleaned.csv in place (before its "applied" line). The third apply only records it."""
-    root, _ = make_review_case(tmp_path)
+    root, _ = review_case
     before = tree_digest(root)
     expected = _decide(root)
     _kill_apply(tmp_path, root, after=len(DELETES))
@@ -121,8 +120,8 @@ def test_killed_after_the_moves_and_again_while_finishing(tmp_path: Path) -> Non
     assert tree_digest(root) == before
 
 
-def test_undo_of_a_killed_apply_restores_everything(tmp_path: Path) -> None:
-    root, _ = make_review_case(tmp_path)
+def test_undo_of_a_killed_apply_restores_everything(tmp_path: Path, review_case, tree_digest) -> None:  # noqa: ANN001
+    root, _ = review_case
     (root / "cleaned.csv").write_text("name,label\n" + "".join(f"{n},{lab}\n" for n, lab in dataset_labels(root).items()))
     before = tree_digest(root)
     expected = _decide(root)
@@ -135,8 +134,8 @@ def test_undo_of_a_killed_apply_restores_everything(tmp_path: Path) -> None:
     assert _csv(root / "cleaned.csv") == expected
 
 
-def test_new_decisions_after_a_killed_apply_are_applied_after_finishing_it(tmp_path: Path) -> None:
-    root, _ = make_review_case(tmp_path)
+def test_new_decisions_after_a_killed_apply_are_applied_after_finishing_it(tmp_path: Path, review_case, tree_digest) -> None:  # noqa: ANN001
+    root, _ = review_case
     before = tree_digest(root)
     expected = _decide(root)
     _kill_apply(tmp_path, root, after=2)
@@ -151,8 +150,8 @@ def test_new_decisions_after_a_killed_apply_are_applied_after_finishing_it(tmp_p
     assert tree_digest(root) == before
 
 
-def test_a_file_changed_after_the_kill_is_not_moved_unseen(tmp_path: Path) -> None:
-    root, _ = make_review_case(tmp_path)
+def test_a_file_changed_after_the_kill_is_not_moved_unseen(tmp_path: Path, review_case, tree_digest) -> None:  # noqa: ANN001
+    root, _ = review_case
     before = tree_digest(root)
     _decide(root)
     _kill_apply(tmp_path, root, after=2)
@@ -167,10 +166,10 @@ def test_a_file_changed_after_the_kill_is_not_moved_unseen(tmp_path: Path) -> No
     assert tree_digest(root) == {**before, waiting: tree_digest(root)[waiting]} and (root / waiting).read_bytes() == b"edited since"
 
 
-def test_apply_lines_from_before_the_applied_line_count_as_done(tmp_path: Path) -> None:
+def test_apply_lines_from_before_the_applied_line_count_as_done(tmp_path: Path, review_case, tree_digest) -> None:  # noqa: ANN001
     """A journal written before applies were recorded in two steps has no "applied" lines: its applies are
     done (nothing is redone), and undo still restores them."""
-    root, _ = make_review_case(tmp_path)
+    root, _ = review_case
     before = tree_digest(root)
     _decide(root)
     rv = Review(root)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_collect_cli import ursa
-from test_collect_server import FaultServer, server  # noqa: F401 - fixture
 from ursa.collect.download import Job, parse_shard, select_shard, shard_of
 from ursa.collect.manifest import Manifest
 from ursa.errors import CollectError
+
+if TYPE_CHECKING:
+    from conftest import FaultServer
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,21 +51,21 @@ def url_list(tmp_path: Path, server: FaultServer, monkeypatch: pytest.MonkeyPatc
     return urls
 
 
-def test_each_shard_downloads_its_urls_and_resumes_on_its_own(url_list: list[str], server: FaultServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_shard_downloads_its_urls_and_resumes_on_its_own(url_list: list[str], server: FaultServer, console_script) -> None:  # noqa: ANN001
     n = 3
     expect = {i: {u for u in url_list if shard_of(u, n) == i} for i in range(n)}
     # shard 0 alone, into its own folder (as on its own machine)
-    code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "s0", "--shard", f"0/{n}")
+    code, _, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "s0", "--shard", f"0/{n}")
     assert code == 0, err
     assert f"shard 0/{n}: {len(expect[0])} of 12 URLs" in err
     assert {url for (_, url) in Manifest.load("s0").rows} == expect[0]
     # run again: it resumes, nothing is fetched twice
     hits = dict(server.hits)
-    code, out, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "s0", "--shard", f"0/{n}")
+    code, out, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "s0", "--shard", f"0/{n}")
     assert code == 0 and dict(server.hits) == hits
     # every shard, one after another, into one folder: each URL fetched once, in exactly one shard
     for i in range(n):
-        code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "all", "--shard", f"{i}/{n}")
+        code, _, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "all", "--shard", f"{i}/{n}")
         assert code == 0, err
         assert {url for (_, url) in Manifest.load("all").rows} == set().union(*(expect[k] for k in range(i + 1)))
     rows = Manifest.load("all").rows
@@ -73,20 +75,20 @@ def test_each_shard_downloads_its_urls_and_resumes_on_its_own(url_list: list[str
 
 
 @pytest.mark.parametrize("bad", ["3/3", "x", "-1/2", "1/0"])
-def test_bad_shard_exits_2_with_the_fix(url_list: list[str], bad: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", bad)
+def test_bad_shard_exits_2_with_the_fix(url_list: list[str], bad: str, console_script) -> None:  # noqa: ANN001
+    code, _, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", bad)
     assert code == 2 and "use i/N with 0 <= i < N" in err
     assert not Path("d").exists()
 
 
-def test_two_shards_at_once_in_one_folder_are_refused(url_list: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_shards_at_once_in_one_folder_are_refused(url_list: list[str], console_script) -> None:  # noqa: ANN001
     import fcntl
 
     lock = Path("d/.ursa/dataset.lock")
     lock.parent.mkdir(parents=True)
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # as another shard running now
-        code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
+        code, _, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
     assert code == 2 and "need their own --dest each" in err
-    code, _, err = ursa(capsys, monkeypatch, "download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
+    code, _, err = console_script("download", "--lists", "urls_teddy.txt", "--dest", "d", "--shard", "1/2")
     assert code == 0, err

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ursa.errors import TrainError
-from ursa.train.learner import Head, Learner, body_groups
+from ursa.models import Head, body_groups
+from ursa.train.learner import Learner
 from ursa.train.metrics import accuracy, error_rate
 from ursa.train.schedule import one_cycle, smooth, split_lrs, suggest_lr
 
@@ -98,7 +99,7 @@ def test_save_load_predict_and_wrong_checkpoint(tmp_path: Path) -> None:
     learn = _learner(tmp_path)
     learn.fit_one_cycle(2, 1e-2)
     p = learn.save("stage-1")
-    assert p.suffix == ".safetensors" and p.read_bytes()[:8] != b"\x80\x02"  # not a pickle
+    assert p.suffix == ".safetensors"
     x = next(iter(learn.valid_dl))[0][:1]
     label, idx, probs = learn.predict(x[0])
     learn2 = _learner(tmp_path)
@@ -122,3 +123,119 @@ def test_metrics() -> None:
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     y = torch.tensor([0, 1, 1, 1])
     assert accuracy(p, y) == 0.75 and error_rate(p, y) == 0.25
+
+
+def test_checkpoints_are_safetensors_and_load_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the old check (the file does not start with pickle's protocol-2 bytes) could not fail, since
+    torch.save's zip files never do. A checkpoint must parse as safetensors, and loading it must never unpickle."""
+    import pickle
+    import zipfile
+
+    from safetensors import safe_open
+
+    learn = _learner(tmp_path)
+    learn.fit_one_cycle(1, 1e-2)
+    p = learn.save("stage-1")
+    assert not zipfile.is_zipfile(p)  # torch.save writes a zip holding a pickle
+    with safe_open(str(p), framework="pt") as f:
+        assert set(f.keys()) == set(learn.model.state_dict()) and f.metadata()["classes"] == "a,b,c"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a checkpoint was read through pickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    learn2 = _learner(tmp_path).load("stage-1")
+    assert all(torch.equal(v, learn2.model.state_dict()[k]) for k, v in learn.model.state_dict().items())
+
+
+def _autocast_on() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
+def test_mixed_precision_is_a_callback_around_the_forward_pass(tmp_path: Path) -> None:
+    """bf16: the forward runs under autocast, the loss outside it, and autocast is left even when the forward raises."""
+    from ursa.train.callbacks import Callback, MixedPrecision
+
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+            self.fail = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise RuntimeError("boom")
+            out = self.lin(x)
+            seen.append((_autocast_on(), out.dtype))
+            return out
+
+    class LossProbe(Callback):
+        def before_backward(self, learn: object) -> None:
+            seen.append((_autocast_on(), learn.loss.dtype))  # type: ignore[attr-defined]
+
+    tr, va = _toy()
+    model = Probe()
+    learn = Learner(model, tr, va, classes=["a", "b", "c"], path=tmp_path, progress=False, precision="bf16", cbs=[LossProbe()])
+    assert any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+    learn.fit(1, 1e-2)
+    assert (True, torch.bfloat16) in seen and (False, torch.float32) in seen and not _autocast_on()
+    model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        learn.fit(1, 1e-2)
+    assert not _autocast_on()
+    assert Learner(nn.Linear(8, 3), tr, va, classes=["a", "b", "c"], progress=False).cbs[2:] == []  # fp32: no extra callbacks
+    with pytest.raises(TrainError, match="choose_precision resolves 'auto'"):
+        Learner(nn.Linear(8, 3), tr, va, classes=["a", "b", "c"], progress=False, precision="auto")
+
+
+def test_fp16_steps_through_the_grad_scaler_once_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16: the GradScaler takes the step and the loop skips its own (CancelStep), so no batch steps twice."""
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self: torch.optim.Optimizer, *args: object, **kwargs: object) -> object:
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def counting_scale(self: torch.amp.GradScaler, outputs: torch.Tensor) -> torch.Tensor:
+        scaled.append(1)
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", counting_scale)
+    tr, va = _toy()
+    learn = Learner(nn.Linear(8, 3), tr, va, classes=["a", "b", "c"], path=tmp_path, progress=False, precision="fp16")
+    learn.fit(2, 1e-2)
+    # every loss was scaled; the optimizer stepped at most once per batch (the scaler skips a step whose scaled
+    # gradients overflowed, as the first ones at its initial scale of 2**16 do)
+    assert len(scaled) == 2 * len(tr) and 0 < len(steps) <= len(scaled)
+
+
+def test_channels_last_is_a_callback(tmp_path: Path) -> None:
+    shapes: list[bool] = []
+
+    class Conv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shapes.append(x.is_contiguous(memory_format=torch.channels_last))
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 2, (16,), generator=g)), batch_size=8)
+    model = Conv()
+    learn = Learner(model, dl, dl, classes=["a", "b"], path=tmp_path, progress=False, channels_last=True)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    learn.fit(1, 1e-3)
+    assert shapes and all(shapes)

@@ -3,47 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_collect_server import bomb_png
 from ursa.collect.manifest import Manifest
 from ursa.config import VerifyConfig
 from ursa.errors import VerifyError
 from ursa.verify import journal_path, quarantine_dir, verify_folder
 
 
-def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
-
-
-def write(root: Path, rel: str, data: bytes) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def journal(root: Path) -> list[dict[str, str]]:
-    return [json.loads(line) for line in journal_path(root).read_text().splitlines()]
-
-
-def result_for(report, rel: str):  # noqa: ANN001, ANN201
-    return next(r for r in report.results if r.file == rel)
-
-
-def test_good_images_are_left_alone(tmp_path: Path) -> None:
+def test_good_images_are_left_alone(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     a = write(tmp_path, "a/1.jpg", encode(photo(), "JPEG"))
     before = a.read_bytes()
     report = verify_folder(tmp_path)
@@ -51,7 +23,7 @@ def test_good_images_are_left_alone(tmp_path: Path) -> None:
     assert not journal_path(tmp_path).exists()
 
 
-def test_exif_orientation_is_applied_and_the_original_kept(tmp_path: Path) -> None:
+def test_exif_orientation_is_applied_and_the_original_kept(tmp_path: Path, encode, photo, write, journal, result_for) -> None:  # noqa: ANN001
     img = photo(40, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
@@ -63,22 +35,23 @@ def test_exif_orientation_is_applied_and_the_original_kept(tmp_path: Path) -> No
         assert fixed.size == (20, 40)
         assert fixed.getexif().get(0x0112, 1) == 1
     entry = journal(tmp_path)[0]
-    assert entry["action"] == "repair" and "EXIF" in entry["reason"]
+    assert entry["op"] == "repair" and "EXIF" in entry["reason"] and entry["seq"] == 1 and entry["at"]
     assert (tmp_path / entry["original"]).read_bytes() == original
     assert verify_folder(tmp_path).count("repaired") == 0  # idempotent
 
 
 @pytest.mark.parametrize(
-    ("name", "data", "change"),
-    [
-        ("cmyk.jpg", encode(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"), "CMYK -> RGB"),
-        ("pal.png", encode(photo().quantize(16), "PNG"), "P -> RGB"),
-        ("alpha.png", encode(Image.new("RGBA", (20, 20), (255, 0, 0, 0)), "PNG"), "transparency -> RGB on white"),
-        ("deep.png", encode(Image.fromarray(np.full((8, 8), 40000, np.uint16)), "PNG"), "16-bit"),
-    ],
+    ("name", "change"),
+    [("cmyk.jpg", "CMYK -> RGB"), ("pal.png", "P -> RGB"), ("alpha.png", "transparency -> RGB on white"), ("deep.png", "16-bit")],
 )
-def test_modes_are_converted(tmp_path: Path, name: str, data: bytes, change: str) -> None:
-    path = write(tmp_path, f"a/{name}", data)
+def test_modes_are_converted(tmp_path: Path, name: str, change: str, encode, photo, write, result_for) -> None:  # noqa: ANN001
+    image = {
+        "cmyk.jpg": Image.new("CMYK", (20, 20), (0, 255, 255, 0)),
+        "pal.png": photo().quantize(16),
+        "alpha.png": Image.new("RGBA", (20, 20), (255, 0, 0, 0)),
+        "deep.png": Image.fromarray(np.full((8, 8), 40000, np.uint16)),
+    }[name]
+    path = write(tmp_path, f"a/{name}", encode(image, "JPEG" if name.endswith(".jpg") else "PNG"))
     report = verify_folder(tmp_path)
     result = result_for(report, f"a/{name}")
     assert result.status == "repaired" and any(change in c for c in result.changes), result.changes
@@ -90,7 +63,7 @@ def test_modes_are_converted(tmp_path: Path, name: str, data: bytes, change: str
             assert img.getpixel((0, 0)) == round(40000 * 255 / 65535)
 
 
-def test_truncated_but_readable_is_repaired_unreadable_is_quarantined(tmp_path: Path) -> None:
+def test_truncated_but_readable_is_repaired_unreadable_is_quarantined(tmp_path: Path, encode, photo, write, journal, result_for, bomb_png) -> None:  # noqa: ANN001
     full = encode(photo(200, 150), "JPEG", quality=95)
     write(tmp_path, "a/trunc.jpg", full[: len(full) * 2 // 3])
     write(tmp_path, "a/junk.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg")
@@ -108,12 +81,12 @@ def test_truncated_but_readable_is_repaired_unreadable_is_quarantined(tmp_path: 
     for rel in quarantined:  # moved, never deleted, each with a journal line
         assert not (tmp_path / rel).exists()
         assert (quarantine_dir(tmp_path) / rel).is_file()
-    moves = [e for e in journal(tmp_path) if e["action"] == "quarantine"]
+    moves = [e for e in journal(tmp_path) if e["op"] == "quarantine"]
     assert sorted(e["file"] for e in moves) == sorted(quarantined)
     assert all((tmp_path / e["to"]).is_file() for e in moves)
 
 
-def test_quarantine_never_overwrites(tmp_path: Path) -> None:
+def test_quarantine_never_overwrites(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     write(tmp_path, "a/x.jpg", b"junk 1")
     verify_folder(tmp_path, config=VerifyConfig())
     write(tmp_path, "a/x.jpg", b"junk 2")
@@ -123,7 +96,7 @@ def test_quarantine_never_overwrites(tmp_path: Path) -> None:
     assert sorted(p.read_bytes() for p in q.iterdir()) == [b"junk 1", b"junk 2"]
 
 
-def test_shrinks_over_max_size_keeping_aspect(tmp_path: Path) -> None:
+def test_shrinks_over_max_size_keeping_aspect(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     write(tmp_path, "a/big.png", encode(photo(1000, 500), "PNG"))
     write(tmp_path, "a/small.png", encode(photo(100, 50), "PNG"))
     report = verify_folder(tmp_path, config=VerifyConfig(max_size=200))
@@ -134,7 +107,7 @@ def test_shrinks_over_max_size_keeping_aspect(tmp_path: Path) -> None:
         verify_folder(tmp_path, config=VerifyConfig(max_size=3))
 
 
-def test_odd_names_are_read_by_content(tmp_path: Path) -> None:
+def test_odd_names_are_read_by_content(tmp_path: Path, encode, photo, write, result_for) -> None:  # noqa: ANN001
     write(tmp_path, "a/00000145.jpg;w=960", encode(photo(), "JPEG"))
     write(tmp_path, "a/noext", encode(photo(seed=1), "PNG"))
     write(tmp_path, "a/UPPER.JPG", encode(photo(seed=2), "JPEG"))
@@ -153,7 +126,7 @@ def test_odd_names_are_read_by_content(tmp_path: Path) -> None:
     assert any("first frame" in c for c in gif.changes)
 
 
-def test_exact_duplicates_by_bytes_and_pixels_across_classes(tmp_path: Path) -> None:
+def test_exact_duplicates_by_bytes_and_pixels_across_classes(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     img = photo(seed=5)
     write(tmp_path, "teddy/1.png", encode(img, "PNG"))
     write(tmp_path, "grizzly/9.png", encode(img, "PNG"))  # same bytes, other class
@@ -173,7 +146,7 @@ def test_exact_duplicates_by_bytes_and_pixels_across_classes(tmp_path: Path) -> 
     assert table["teddy"]["files"] == 3
 
 
-def test_manifest_rows_follow_quarantine_and_repair(tmp_path: Path) -> None:
+def test_manifest_rows_follow_quarantine_and_repair(tmp_path: Path, encode, write) -> None:  # noqa: ANN001
     write(tmp_path, "a/00000001.jpg", b"<html>")
     write(tmp_path, "a/00000002.png", encode(Image.new("RGBA", (8, 8)), "PNG"))
     m = Manifest(tmp_path)
@@ -188,7 +161,7 @@ def test_manifest_rows_follow_quarantine_and_repair(tmp_path: Path) -> None:
     assert two["status"] == "ok" and two["sha256"] not in ("", "old") and two["reason"].startswith("verify:")
 
 
-def test_no_repair_only_reports(tmp_path: Path) -> None:
+def test_no_repair_only_reports(tmp_path: Path, encode, write, result_for) -> None:  # noqa: ANN001
     path = write(tmp_path, "a/cmyk.jpg", encode(Image.new("CMYK", (8, 8)), "JPEG"))
     before = path.read_bytes()
     report = verify_folder(tmp_path, config=VerifyConfig(repair=False))
@@ -205,14 +178,14 @@ def test_bad_roots_are_clear_errors(tmp_path: Path) -> None:
         verify_folder(tmp_path / "f.jpg")
 
 
-def test_hidden_folders_are_not_checked(tmp_path: Path) -> None:
+def test_hidden_folders_are_not_checked(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     write(tmp_path, ".ursa/quarantine/a/bad.jpg", b"junk")
     write(tmp_path, "a/.partial.jpg.tmp", b"junk")
     write(tmp_path, "a/1.png", encode(photo(), "PNG"))
     assert [r.file for r in verify_folder(tmp_path).results] == ["a/1.png"]
 
 
-def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], write) -> None:  # noqa: ANN001
     import sys
 
     from ursa.cli import main

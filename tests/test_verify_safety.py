@@ -11,28 +11,36 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
-from test_collect_server import FaultServer, server  # noqa: F401 - fixture
-from test_verify import encode, journal, photo, result_for, write
 from ursa._io import LOCK_NAME
 from ursa.collect.download import Job, download
 from ursa.collect.manifest import Manifest
 from ursa.errors import CollectError, VerifyError
 from ursa.verify import journal_path, quarantine_dir, verify_folder
 
+if TYPE_CHECKING:
+    from conftest import FaultServer
+
 CLI = [sys.executable, "-c", "from ursa.cli import main; main()"]
 
 
-def rotated_jpeg(seed: int = 3) -> bytes:
-    """A JPEG that verify repairs (EXIF orientation 6): its repaired bytes differ from what it was."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(photo(40, 20, seed=seed), "JPEG", exif=exif.tobytes())
+@pytest.fixture
+def rotated_jpeg(encode, photo) -> Callable[..., bytes]:  # noqa: ANN001
+    """`rotated_jpeg(seed=3)`: a JPEG that verify repairs (EXIF orientation 6): its repaired bytes differ from
+    what it was."""
+
+    def make(seed: int = 3) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        return encode(photo(40, 20, seed=seed), "JPEG", exif=exif.tobytes())
+
+    return make
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -66,7 +74,7 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:  # noqa: ANN001
 # ---- item 7: one folder lock for download and verify ------------------------------------------------------
 
 
-def test_verify_during_a_download_is_refused_and_changes_nothing(server: FaultServer, tmp_path: Path) -> None:
+def test_verify_during_a_download_is_refused_and_changes_nothing(server: FaultServer, tmp_path: Path, write, result_for, rotated_jpeg) -> None:  # noqa: ANN001
     """Regression: a verify during a download left manifest rows whose sha256 no longer matched the file."""
     pytest.importorskip("fcntl")
     server.delay = 0.2
@@ -110,7 +118,7 @@ _SLOW_VERIFY = textwrap.dedent("""
 """)
 
 
-def test_download_or_a_second_verify_during_a_verify_is_refused(server: FaultServer, tmp_path: Path) -> None:
+def test_download_or_a_second_verify_during_a_verify_is_refused(server: FaultServer, tmp_path: Path, write, journal, rotated_jpeg) -> None:  # noqa: ANN001
     """Regression: two verifies at once appended the same moves to the journal twice."""
     pytest.importorskip("fcntl")
     root = tmp_path / "data"
@@ -134,7 +142,7 @@ def test_download_or_a_second_verify_during_a_verify_is_refused(server: FaultSer
         proc.kill()
         proc.wait(timeout=30)
     assert cli.returncode == 2 and "Another verify is checking and repairing" in " ".join(cli.stderr.split()), cli.stderr
-    assert len([e for e in journal(root) if e["action"] == "repair"]) == 1  # only the first verify's one repair
+    assert len([e for e in journal(root) if e["op"] == "repair"]) == 1  # only the first verify's one repair
     report = verify_folder(root)  # killed: its lock went with it
     assert report.count("repaired") == 2 and report.count("ok") == 1
 
@@ -142,7 +150,7 @@ def test_download_or_a_second_verify_during_a_verify_is_refused(server: FaultSer
 # ---- item 10: symlinks and odd files are skipped and reported --------------------------------------------
 
 
-def test_symlinks_and_odd_files_are_skipped_and_reported(tmp_path: Path) -> None:
+def test_symlinks_and_odd_files_are_skipped_and_reported(tmp_path: Path, encode, photo, write) -> None:  # noqa: ANN001
     """Regression: one dangling symlink stopped verify for the whole dataset; a link to the root must not
     make the dataset's images duplicates of themselves."""
     root = tmp_path / "data"
@@ -180,7 +188,7 @@ def test_symlinks_and_odd_files_are_skipped_and_reported(tmp_path: Path) -> None
     assert not quarantine_dir(root).exists()
 
 
-def test_an_unreadable_file_is_skipped_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_file_is_skipped_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encode, photo, write, result_for) -> None:  # noqa: ANN001
     write(tmp_path, "a/1.png", encode(photo(), "PNG"))
     locked = write(tmp_path, "a/2.png", encode(photo(seed=1), "PNG"))
     locked.chmod(0)
@@ -211,12 +219,18 @@ def killed_verify(root: Path, after: int) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
-def dataset(root: Path) -> Path:
-    write(root, "cats/a.jpg", rotated_jpeg())  # the same picture in two classes, both repaired by verify
-    write(root, "dogs/b.jpg", rotated_jpeg())
-    write(root, "dogs/c.png", encode(photo(seed=9), "PNG"))
-    write(root, "dogs/d.png", encode(Image.new("RGBA", (12, 12), (9, 9, 9, 255)), "PNG"))  # repaired, no copy
-    return root
+@pytest.fixture
+def dataset(write, encode, photo, rotated_jpeg) -> Callable[[Path], Path]:  # noqa: ANN001
+    """`dataset(root)`: four images under root, two of them the same picture in two classes."""
+
+    def make(root: Path) -> Path:
+        write(root, "cats/a.jpg", rotated_jpeg())  # the same picture in two classes, both repaired by verify
+        write(root, "dogs/b.jpg", rotated_jpeg())
+        write(root, "dogs/c.png", encode(photo(seed=9), "PNG"))
+        write(root, "dogs/d.png", encode(Image.new("RGBA", (12, 12), (9, 9, 9, 255)), "PNG"))  # repaired, no copy
+        return root
+
+    return make
 
 
 def groups(report) -> list[tuple[list[str], str]]:  # noqa: ANN001
@@ -224,7 +238,7 @@ def groups(report) -> list[tuple[list[str], str]]:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("old_journal", [False, True], ids=["journal", "journal-without-pixel-hashes"])
-def test_a_rerun_after_a_killed_verify_finds_every_cross_class_duplicate(tmp_path: Path, old_journal: bool) -> None:
+def test_a_rerun_after_a_killed_verify_finds_every_cross_class_duplicate(tmp_path: Path, old_journal: bool, journal, rotated_jpeg, dataset) -> None:  # noqa: ANN001
     """Regression: after a killed verify a re-run missed a cross-class duplicate a third run found: the file
     repaired before the kill had new bytes and pixels, its twin was grouped by what it was before repair."""
     whole = verify_folder(dataset(tmp_path / "whole"))
@@ -232,8 +246,8 @@ def test_a_rerun_after_a_killed_verify_finds_every_cross_class_duplicate(tmp_pat
     root = dataset(tmp_path / "killed")
     killed_verify(root, after=1)  # cats/a.jpg repaired, dogs/b.jpg not yet
     assert [e["file"] for e in journal(root)] == ["cats/a.jpg"] and (root / "cats/a.jpg").read_bytes() != rotated_jpeg()
-    if old_journal:  # journal lines written before they carried the pixel hash: read from the kept original
-        lines = [{k: v for k, v in e.items() if k != "pixels"} for e in journal(root)]
+    if old_journal:  # lines as verify wrote them before the one journal, without the pixel hash (read from the kept original)
+        lines = [{"time": e["at"], "stage": "verify", "action": e["op"], **{k: v for k, v in e.items() if k not in ("seq", "at", "op", "pixels")}} for e in journal(root)]
         journal_path(root).write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"torn li')
     second = verify_folder(root)
     assert groups(second) == groups(whole)
@@ -242,7 +256,7 @@ def test_a_rerun_after_a_killed_verify_finds_every_cross_class_duplicate(tmp_pat
     assert snapshot(root / "cats") == snapshot(tmp_path / "whole/cats")  # the same repair as an uninterrupted run
 
 
-def test_duplicates_follow_repairs_of_repairs(tmp_path: Path) -> None:
+def test_duplicates_follow_repairs_of_repairs(tmp_path: Path, write, rotated_jpeg) -> None:  # noqa: ANN001
     """A file repaired twice (a later run shrinks what an earlier one rotated) is still grouped with its twin."""
     root = tmp_path
     write(root, "cats/a.jpg", rotated_jpeg())
@@ -268,7 +282,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_repaired_and_quarantined_files_keep_their_mode(tmp_path: Path, umask_022: None) -> None:
+def test_repaired_and_quarantined_files_keep_their_mode(tmp_path: Path, umask_022: None, encode, photo, write, result_for, rotated_jpeg) -> None:  # noqa: ANN001
     """Regression: repaired, quarantined and kept-original files came out 0600 (the originals were 0644)."""
     rotated = write(tmp_path, "a/rot.jpg", rotated_jpeg())
     rotated.chmod(0o640)

@@ -6,21 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from export_fixtures import Built, build
-from interpret_data import make_review_case
-from live_server import app_server
+if TYPE_CHECKING:
+    from conftest import Built
 
 pytestmark = pytest.mark.browser
 
 TOKEN = "t0ken-for-the-browser-test"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
 
 
 def _keep(shot: Path) -> None:
@@ -29,7 +24,7 @@ def _keep(shot: Path) -> None:
         shutil.copy(shot, Path(os.environ["URSA_SCREENSHOT_DIR"]) / shot.name)
 
 
-def test_prediction_page_first_screen_has_no_empty_result_box(browser, built: Built, tmp_path: Path) -> None:  # noqa: ANN001
+def test_prediction_page_first_screen_has_no_empty_result_box(browser, built: Built, tmp_path: Path, app_server) -> None:  # noqa: ANN001
     from playwright.sync_api import expect
 
     from ursa.web.predict_app import create_predict_app
@@ -56,12 +51,12 @@ def test_prediction_page_first_screen_has_no_empty_result_box(browser, built: Bu
         page.close()
 
 
-def test_review_page_first_screen(browser, tmp_path: Path) -> None:  # noqa: ANN001
+def test_review_page_first_screen(browser, tmp_path: Path, review_case, app_server) -> None:  # noqa: ANN001
     from playwright.sync_api import expect
 
     from ursa.web.review_app import create_review_app
 
-    root, run = make_review_case(tmp_path)
+    root, run = review_case
     with app_server(create_review_app(root, run)) as url:
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         errors: list[str] = []
@@ -77,7 +72,7 @@ def test_review_page_first_screen(browser, tmp_path: Path) -> None:  # noqa: ANN
         page.close()
 
 
-def test_the_printed_token_address_opens_a_working_page(browser, built: Built, tmp_path: Path) -> None:  # noqa: ANN001
+def test_the_printed_token_address_opens_a_working_page(browser, built: Built, tmp_path: Path, app_server) -> None:  # noqa: ANN001
     from playwright.sync_api import expect
 
     from ursa.web.predict_app import create_predict_app

@@ -11,24 +11,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from export_fixtures import Built, build
-from live_server import app_server, serve_process
 from ursa.export import load_model
 from ursa.web.predict_app import create_predict_app
 from ursa.web.server import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, IDLE_TIMEOUT_S
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
+if TYPE_CHECKING:
+    from conftest import Built
 
 
 @pytest.fixture(scope="module")
-def live(built: Built, tmp_path_factory: pytest.TempPathFactory):
+def live(built: Built, tmp_path_factory: pytest.TempPathFactory, serve_process):  # noqa: ANN001
     """`ursa serve` as a real process with a 1 MiB upload limit; yields (URL, log file)."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serve_process(built.export, log, "--max-upload-mb", "1") as (url, _):
@@ -78,7 +75,7 @@ def test_declared_oversize_is_refused_before_the_body(live) -> None:  # noqa: AN
     assert b"connection: close" in got.lower() and seconds < 3  # answered at once, then closed: no body read
 
 
-def test_a_busy_server_answers_503_without_reading_the_body(built: Built) -> None:
+def test_a_busy_server_answers_503_without_reading_the_body(built: Built, app_server) -> None:  # noqa: ANN001
     predictor = load_model(built.export)
     real, started = predictor.predict_image, threading.Event()
 
@@ -158,7 +155,7 @@ def test_slow_and_idle_connections_are_dropped_and_logged_in_one_line(live) -> N
     assert len(re.findall(r"the client went away after \d+ bytes of the request body", text)) == 1
 
 
-def test_a_normal_keep_alive_client_is_not_dropped_while_it_waits_for_an_answer(built: Built) -> None:
+def test_a_normal_keep_alive_client_is_not_dropped_while_it_waits_for_an_answer(built: Built, app_server) -> None:  # noqa: ANN001
     predictor = load_model(built.export)
     real = predictor.predict_image
 
@@ -172,10 +169,10 @@ def test_a_normal_keep_alive_client_is_not_dropped_while_it_waits_for_an_answer(
 
 
 def test_only_training_commands_tune_the_allocator(run_cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
-    import ursa.cli
+    import ursa.train.runtime
 
     calls: list[int] = []
-    monkeypatch.setattr(ursa.cli, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(ursa.train.runtime, "tune_allocator", lambda: calls.append(1) or True)
     for args in (("serve", tmp_path / "none"), ("review", tmp_path / "none", "--apply"), ("predict", tmp_path / "none", tmp_path / "x.jpg")):
         run_cli(*args)
     assert calls == []

@@ -12,22 +12,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from export_fixtures import Built, build
 from ursa.export import load_model
 from ursa.web.predict_app import create_predict_app, default_workers
 
 LOCAL = "http://127.0.0.1"  # the apps answer to loopback Host names only (DNS rebinding)
 
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
+if TYPE_CHECKING:
+    from conftest import Built
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +176,8 @@ def test_serving_imports_neither_training_code_nor_torch(built: Built) -> None:
         "from ursa.web.predict_app import create_predict_app\n"
         f"c = TestClient(create_predict_app({str(built.export)!r}), base_url='http://127.0.0.1')\n"
         f"assert c.post('/predict', content=open({str(built.photo)!r}, 'rb').read()).status_code == 200\n"
-        # ursa.data.images is the torch-free decode + geometry shared with training; nothing else of ursa.data
-        "bad = sorted(m for m in sys.modules if m.startswith(('ursa.train', 'ursa.data.', 'torch', 'timm', 'onnx.')) or m == 'onnx')\n"
-        "bad = [m for m in bad if m != 'ursa.data.images']\n"
+        # ursa.imageio is the torch-free decode + geometry shared with training; nothing of ursa.data
+        "bad = sorted(m for m in sys.modules if m.startswith(('ursa.train', 'ursa.data', 'torch', 'timm', 'onnx.')) or m == 'onnx')\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -188,38 +185,12 @@ def test_serving_imports_neither_training_code_nor_torch(built: Built) -> None:
     assert out.stdout.strip() == "[]"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def live_server(built: Built):
+def live_server(built: Built, serve_process, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001
     """`ursa serve` as a real process on 127.0.0.1, with a 1 MiB upload limit."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ursa", "serve", str(built.export), "--port", str(port), "--max-upload-mb", "1", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"ursa serve did not start: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(built.export, log, "--max-upload-mb", "1", "--quiet") as (url, _):
+        yield url
 
 
 def test_live_server_predicts_and_limits_streamed_bodies(live_server: str, built: Built) -> None:
@@ -244,6 +215,6 @@ def test_serve_reports_a_taken_port(run_cli, built: Built) -> None:
     assert code == 2 and "another --port" in err.replace("\n", " ")
 
 
-def test_serve_refuses_a_bad_folder(run_cli, tmp_path: Path) -> None:
+def test_serve_refuses_a_bad_folder(run_cli, tmp_path: Path, free_port) -> None:  # noqa: ANN001
     code, _, err = run_cli("serve", tmp_path / "nothing", "--port", free_port())
     assert code == 2 and "ursa export" in err

@@ -6,14 +6,13 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from export_fixtures import Built, build
+if TYPE_CHECKING:
+    from conftest import Built
 
 pytestmark = pytest.mark.browser
 
@@ -24,31 +23,12 @@ def playwright_expect(locator):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture(scope="module")
-def server_url(built: Built):
+def server_url(built: Built, app_server):  # noqa: ANN001
     """The app under a real Uvicorn on 127.0.0.1, in a thread of this process."""
-    import uvicorn
-
     from ursa.web.predict_app import create_predict_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_predict_app(built.export), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_server(create_predict_app(built.export)) as url:
+        yield url + "/"
 
 
 def test_upload_shows_the_prediction(browser, server_url: str, built: Built, tmp_path: Path) -> None:

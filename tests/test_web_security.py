@@ -5,14 +5,13 @@ needs its token. Real servers on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from export_fixtures import Built, build
-from interpret_data import make_review_case, tree_digest
-from live_server import app_server, free_port
 from ursa.errors import ServeError
 from ursa.review import Review
 from ursa.web.predict_app import create_predict_app
@@ -22,21 +21,19 @@ from ursa.web.security import resolve_token
 EVIL = "http://evil.example"
 TOKEN = "t0ken-for-the-tests-only"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build(tmp_path_factory.mktemp("export"))
+if TYPE_CHECKING:
+    from conftest import Built
 
 
-def _dataset_state(root: Path) -> tuple[dict[str, str], bytes, bool]:
-    journal = root / ".ursa/review/journal.jsonl"
+def _dataset_state(root: Path, tree_digest: Callable[[Path], dict[str, str]]) -> tuple[dict[str, str], bytes, bool]:
+    journal = root / ".ursa/journal.jsonl"
     return tree_digest(root), journal.read_bytes() if journal.exists() else b"", (root / ".ursa/quarantine").exists()
 
 
-def test_other_sites_cannot_decide_apply_or_undo(tmp_path: Path) -> None:
-    root, run = make_review_case(tmp_path)
+def test_other_sites_cannot_decide_apply_or_undo(review_case, tree_digest, app_server) -> None:  # noqa: ANN001
+    root, run = review_case
     Review(root).decide("circle/copy.png", "delete")  # a pending decision: an apply would move a file
-    before = _dataset_state(root)
+    before = _dataset_state(root, tree_digest)
     iid = image_id("circle/copy.png")
     with app_server(create_review_app(root, run)) as url, httpx.Client(base_url=url, timeout=10) as c:
         own = url  # the page's own origin
@@ -61,7 +58,7 @@ def test_other_sites_cannot_decide_apply_or_undo(tmp_path: Path) -> None:
         assert [r.status_code for r in refused] == [403, 415, 415, 415, 415, 403, 403, 403, 403, 403, 403, 403]
         assert all("error" in r.json() for r in refused)  # the review page's error field, with a message
         assert "JSON" in refused[1].json()["error"] and "cross-origin" in refused[0].json()["error"]
-        assert _dataset_state(root) == before
+        assert _dataset_state(root, tree_digest) == before
         assert not (root / "cleaned.csv").exists()
 
         # the page's own requests pass: loopback names with the port, same-origin JSON, a navigation from a link
@@ -74,7 +71,7 @@ def test_other_sites_cannot_decide_apply_or_undo(tmp_path: Path) -> None:
     assert not (root / "circle/copy.png").exists() and (root / "cleaned.csv").is_file()
 
 
-def test_prediction_server_checks_host_and_origin(built: Built) -> None:
+def test_prediction_server_checks_host_and_origin(built: Built, app_server) -> None:  # noqa: ANN001
     photo = built.photo.read_bytes()
     with app_server(create_predict_app(built.export)) as url, httpx.Client(base_url=url, timeout=30) as c:
         files = {"file": ("p.jpg", photo, "image/jpeg")}
@@ -102,7 +99,7 @@ def test_a_non_loopback_bind_needs_a_token(built: Built, monkeypatch: pytest.Mon
     assert resolve_token("0.0.0.0") == TOKEN and resolve_token("127.0.0.1") == TOKEN
 
 
-def test_token_by_header_query_and_cookie(built: Built) -> None:
+def test_token_by_header_query_and_cookie(built: Built, app_server) -> None:  # noqa: ANN001
     with app_server(create_predict_app(built.export, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=30) as c:
         port = url.rsplit(":", 1)[1]
         assert c.get("/health").status_code == 403
@@ -125,7 +122,7 @@ def test_token_by_header_query_and_cookie(built: Built) -> None:
         assert c.get("/health", headers={"authorization": f"Bearer {TOKEN}", "origin": EVIL}).status_code == 403
 
 
-def test_serve_cli_prints_a_token_off_loopback(run_cli, built: Built, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_serve_cli_prints_a_token_off_loopback(run_cli, built: Built, monkeypatch: pytest.MonkeyPatch, free_port) -> None:  # noqa: ANN001
     import ursa.web.predict_app
 
     seen: dict = {}

@@ -18,7 +18,7 @@ _EXPORTS = {
     "DataBunch": "ursa.data.loaders",
     "Learner": "ursa.train.learner",
     "vision_learner": "ursa.train.learner",
-    "train_run": "ursa.train.learner",
+    "train_run": "ursa.train.recipe",
     "error_rate": "ursa.train.metrics",
     "accuracy": "ursa.train.metrics",
     "create_backbone": "ursa.models",

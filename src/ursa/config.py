@@ -16,18 +16,20 @@ import dataclasses
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ursa.errors import CollectError, DataError, TrainError, UrsaError, VerifyError
 
-__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict", "check_number", "MAX_PIXELS"]
+__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict", "check_number", "MAX_PIXELS", "DEVICES", "PRECISIONS"]
 
 MAX_SEED = 2**32 - 1  # seeds run from 0 to 2**32 - 1, as NumPy's and scikit-learn's
 HEADS = ("lbfgs", "one_cycle")  # head solvers of the default recipe
+DEVICES = ("auto", "cpu", "cuda")  # where training runs; auto: this rank's GPU when there is one, else the CPU
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precisions; see ursa.train.distributed.choose_precision
 # Largest width x height any stage decodes (download, verify, training, serving): one limit, so an image one
 # stage keeps is never one another refuses. A 40 MP photo passes; a decompression bomb does not. Re-exported
-# by ursa.data.images, which enforces it.
+# by ursa.imageio, which enforces it.
 MAX_PIXELS = 40_000_000
 
 
@@ -98,10 +100,12 @@ def _number(cfg: Any, error: type[UrsaError], name: str, option: str | None, **b
     check_number(getattr(cfg, name), _label(cfg, name, option), error, **bounds)
 
 
-def _flag(cfg: Any, error: type[UrsaError], name: str, option: str | None) -> None:
+def _flag(cfg: Any, error: type[UrsaError], name: str, option: str | None, *, optional: bool = False) -> None:
     value = getattr(cfg, name)
+    if value is None and optional:
+        return
     if not isinstance(value, bool):
-        raise error(_message(_label(cfg, name, option), "True or False", value, ""))
+        raise error(_message(_label(cfg, name, option), "True or False" + (" or None" if optional else ""), value, ""))
 
 
 def _text(cfg: Any, error: type[UrsaError], name: str, option: str | None, *, optional: bool = False, choices: tuple[str, ...] = ()) -> None:
@@ -155,7 +159,17 @@ class TrainConfig:
     batch_size: int = 32  # images per batch for feature extraction and fine-tuning (shared out among DDP ranks)
     threads: int | None = None  # torch CPU threads; None: all cores
     tta: bool = True  # average plain and flipped views when evaluating (only with DataConfig.flip)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form options recorded in config.json
+    view_budget: int = 2000  # most cached training samples (images x views): small sets get more views, large ones fewer
+    num_workers: int = 0  # DataLoader processes decoding images for feature extraction and fine-tuning (0: this one)
+    dropout: float = 0.25  # dropout before the head's linear layer, in [0, 1) (head="one_cycle"; the lbfgs head has none)
+    head_batch_size: int = 64  # cached feature rows per batch of the one-cycle head stage
+    wd: float = 0.01  # AdamW weight decay of the one-cycle head stage
+    label_smoothing: float = 0.1  # label smoothing of the one-cycle head stage, in [0, 1)
+    fine_tune_label_smoothing: float = 0.0  # label smoothing of full fine-tuning, in [0, 1)
+    fine_tune_size: int | None = None  # input side in pixels for fine-tuning images; None: the same as the cached stage
+    device: str = "auto"  # "auto" (this rank's GPU when there is one, else the CPU), "cpu" or "cuda"
+    precision: str = "auto"  # fine-tuning precision: "auto", "fp32", "bf16" or "fp16" (see choose_precision)
+    channels_last: bool | None = None  # channels-last image batches in fine-tuning; None: on a GPU only
 
     def __post_init__(self) -> None:
         e = TrainError
@@ -174,8 +188,60 @@ class TrainConfig:
         _number(self, e, "batch_size", "--bs", integer=True, at_least=1)
         _number(self, e, "threads", "--threads", integer=True, at_least=1, optional=True, hint="Leave it out to use every core.")
         _flag(self, e, "tta", None)
-        if not isinstance(self.extra, dict):
-            raise e(_message(_label(self, "extra", None), "a dict", self.extra, ""))
+        _number(self, e, "view_budget", None, integer=True, at_least=1, unit="samples")
+        _number(self, e, "num_workers", None, integer=True, at_least=0, unit="processes")
+        _number(self, e, "dropout", None, at_least=0.0, below=1.0)
+        _number(self, e, "head_batch_size", None, integer=True, at_least=1)
+        _number(self, e, "wd", None, at_least=0.0)
+        _number(self, e, "label_smoothing", None, at_least=0.0, below=1.0)
+        _number(self, e, "fine_tune_label_smoothing", None, at_least=0.0, below=1.0)
+        _number(self, e, "fine_tune_size", None, integer=True, at_least=32, at_most=2048, unit="pixels", optional=True)
+        _text(self, e, "device", "--device", choices=DEVICES)
+        _text(self, e, "precision", "--precision", choices=PRECISIONS)
+        _flag(self, e, "channels_last", None, optional=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The TrainConfig a run's config.json recorded (its "train" object), checked like any other.
+
+        Runs written before these settings were fields kept ten of them as strings under "extra"; they are
+        read into their fields (with their old meaning: fine_tune_size 0 was "not given", label_smoothing
+        set both stages). Other extra keys never did anything and are dropped; an unknown field raises TrainError.
+        """
+        d = dict(d)
+        legacy = d.pop("extra", None) or {}
+        if not isinstance(legacy, dict):
+            raise TrainError(f"the train settings' \"extra\" must be a JSON object, got {legacy!r}. Train the run again.")
+        for key, (names, convert) in _LEGACY_EXTRA.items():
+            if key in legacy:
+                try:
+                    value = convert(legacy[key])
+                except (TypeError, ValueError):
+                    raise TrainError(f"the train settings' extra {key!r} is {legacy[key]!r}, which cannot be read as its field {names[0]!r}. Train the run again.") from None
+                d.update({n: value for n in names if n not in d})
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TrainError(f"the train settings hold unknown fields {unknown}; the run was written by another version of Ursa. Train it again with this one.")
+        return cls(**d)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) or None
+
+
+# TrainConfig.extra key of runs written before the typed fields -> (fields it sets, how it was read)
+_LEGACY_EXTRA: dict[str, tuple[tuple[str, ...], Any]] = {
+    "view_budget": (("view_budget",), int),
+    "num_workers": (("num_workers",), int),
+    "dropout": (("dropout",), float),
+    "head_bs": (("head_batch_size",), int),
+    "wd": (("wd",), float),
+    "label_smoothing": (("label_smoothing", "fine_tune_label_smoothing"), float),
+    "fine_tune_size": (("fine_tune_size",), _int_or_none),
+    "device": (("device",), str),
+    "precision": (("precision",), str),
+    "channels_last": (("channels_last",), bool),
+}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,6 +17,9 @@ __all__ = [
     "ExportError",
     "ServeError",
     "LessonError",
+    "BadImageError",
+    "NotAnImageError",
+    "ImageTooLargeError",
 ]
 
 
@@ -64,3 +67,15 @@ class ServeError(UrsaError):
 
 class LessonError(UrsaError):
     """The teaching lessons."""
+
+
+class BadImageError(UrsaError):
+    """Decode errors, in every stage: a file or upload that is not an image Pillow can decode, or is damaged."""
+
+
+class NotAnImageError(BadImageError):
+    """The bytes are in no image format Pillow knows (an HTML page, text, an unknown format)."""
+
+
+class ImageTooLargeError(BadImageError):
+    """The header claims more pixels than the one limit every stage shares (a decompression-bomb guard)."""

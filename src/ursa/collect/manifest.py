@@ -13,8 +13,9 @@ Columns (all text; empty when not known):
 - `query`: the search query that found the URL; `source`: the page it was found on, or the list file it came from
 - `attempts`: requests made for it in the last run; `time`: when the row was last written (UTC, ISO 8601)
 
-The file is always written whole and atomically, so a reader never sees half a row. This module has no
-network code, so `ursa.verify` can update rows without importing httpx.
+The file is always written whole and atomically, so a reader never sees half a row; `ManifestSaver` also
+makes every file a saved manifest names durable first. This module has no network code, so `ursa.verify`
+can update rows without importing httpx.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
 from pathlib import Path
 
-from ursa._io import atomic_write_text
+from ursa._io import atomic_write_text, make_durable
 from ursa.errors import CollectError
 
-__all__ = ["MANIFEST_COLUMNS", "STATUSES", "META_DIR", "manifest_path", "Manifest"]
+__all__ = ["MANIFEST_COLUMNS", "STATUSES", "META_DIR", "manifest_path", "Manifest", "ManifestSaver"]
 
 MANIFEST_COLUMNS = (
     "class", "url", "status", "reason", "file", "sha256", "bytes",
@@ -97,3 +99,51 @@ class Manifest:
         writer.writeheader()
         writer.writerows(self.rows.values())
         return buf.getvalue()
+
+
+class ManifestSaver:
+    """Saves a manifest so that every file it names is on disk first, from any thread.
+
+    Downloaded files are written without an fsync each; before a manifest that names them is written,
+    they are made durable together (`make_durable`: one syncfs on Linux). So after a crash or power cut
+    a saved manifest never points at a file whose bytes were lost. `take` (on the thread that changes the
+    rows) captures the rows and the files to sync; `write` (any thread) never replaces a newer save with
+    an older one.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root, self.manifest = root, manifest
+        self.pending: list[Path] = []  # written since the last `take`
+        self.taken = self.saved = 0  # generations
+        self.lock = threading.Lock()  # one write at a time
+        self.pending_lock = threading.Lock()
+
+    def written(self, path: Path) -> None:
+        """Note a file written (not yet durable) that the next save must make durable first."""
+        with self.pending_lock:
+            self.pending.append(path)
+
+    def take(self) -> tuple[int, list[Path], str]:
+        """(generation, files to make durable, manifest text) of a save, for `write`."""
+        with self.pending_lock:
+            files, self.pending = self.pending, []
+        self.taken += 1
+        return self.taken, files, self.manifest.to_csv()
+
+    def write(self, generation: int, files: list[Path], text: str) -> None:
+        """Make `files` durable, then write `text` as the manifest, unless a newer generation is saved."""
+        with self.lock:
+            if generation <= self.saved:
+                return
+            try:
+                make_durable(files, root=self.root)
+                atomic_write_text(self.manifest.path, text)
+            except BaseException:
+                with self.pending_lock:
+                    self.pending[:0] = files  # synced next time
+                raise
+            self.saved = generation
+
+    def save(self) -> None:
+        """`take` and `write` at once, on this thread."""
+        self.write(*self.take())

@@ -19,8 +19,8 @@ from pathlib import Path, PureWindowsPath
 
 from PIL import UnidentifiedImageError
 
-from ursa.data.images import open_checked
-from ursa.errors import DataError
+from ursa.errors import BadImageError, DataError
+from ursa.imageio import NON_IMAGE_SUFFIXES, open_checked
 
 __all__ = [
     "Item",
@@ -40,7 +40,6 @@ __all__ = [
 TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "validation", "val")
 # Files that live beside images and are never images; skipped silently.
-_QUIET_SUFFIXES = {".csv", ".txt", ".json", ".md", ".db", ".ini", ".log"}
 
 
 @dataclass(frozen=True, order=True)
@@ -80,12 +79,12 @@ class ItemSet:
 def check_image(path: Path) -> str | None:
     """None when `path` opens as an image (header only, cheap), else the reason it does not.
 
-    An image over the one pixel limit every stage uses (`ursa.data.images.MAX_PIXELS`) is refused here.
+    An image over the one pixel limit every stage uses (`ursa.imageio.MAX_PIXELS`) is refused here.
     """
     try:
         with open_checked(path) as im:
             im.size  # noqa: B018  (parsing the header is the check)
-    except DataError as exc:
+    except BadImageError as exc:
         return str(exc)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"not a readable image: {type(exc).__name__}: {exc}".strip()
@@ -177,7 +176,7 @@ def scan_class_folders(root: Path, *, sub: str | None = None) -> ItemSet:
                     continue
                 path = Path(dirpath) / fname
                 name = path.relative_to(root).as_posix()
-                if path.suffix.lower() in _QUIET_SUFFIXES:
+                if path.suffix.lower() in NON_IMAGE_SUFFIXES:
                     continue
                 reason = _link_reason(root_abs, path) if path.is_symlink() else None
                 reason = reason or check_image(path)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ursa.config import DataConfig
-from ursa.data.images import eval_min_side
+from ursa.imageio import eval_min_side
 from ursa.data.items import Item
 from ursa.data.split import Split, build_split
 from ursa.data.transforms import denormalize, eval_transform, input_size, open_image, train_transform

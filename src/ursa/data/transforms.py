@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ursa.data.images import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, open_checked, upright_rgb
+from ursa.imageio import draft_jpeg, eval_crop_mode, eval_geometry, eval_input, open_checked, upright_rgb
 
 __all__ = ["open_image", "eval_transform", "train_transform", "flip_view", "denormalize", "input_size"]
 
@@ -32,7 +32,7 @@ def open_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
 
     For JPEGs larger than needed, `min_side` lets the decoder downscale by 1/2, 1/4 or 1/8 while
     decoding (several times faster on phone photos) without going below `min_side` pixels. An image
-    over the pixel limit every stage shares (`ursa.data.images.MAX_PIXELS`) raises DataError before it
+    over the pixel limit every stage shares (`ursa.imageio.MAX_PIXELS`) raises ImageTooLargeError before it
     is decoded; the loaders skip it with that reason, as they skip any file that will not decode.
     """
     im = open_checked(path)
@@ -48,7 +48,7 @@ def eval_transform(data_config: dict[str, Any], *, size: int | None = None) -> C
     """Resize the short side to size / crop_pct, center-crop `size`, normalize. Output (3, size, size) float32.
     The config's timm `crop_mode` ("squash", "border") changes the resize as in timm's eval transform.
 
-    It is `ursa.data.images.eval_input`, the function the exported predictor calls too.
+    It is `ursa.imageio.eval_input`, the function the exported predictor calls too.
     """
     side, short, resample = eval_geometry(data_config, size=size)
     mode = eval_crop_mode(data_config)

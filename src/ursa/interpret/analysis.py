@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ursa.errors import InterpretError
+from ursa.errors import BadImageError, InterpretError
+from ursa.imageio import decode_image
 
 __all__ = ["ClassificationInterpretation", "ClassMetrics"]
 
@@ -130,8 +131,6 @@ class ClassificationInterpretation:
 
         Wrong predictions are titled in red. Needs the image files (`names` under `root`).
         """
-        from PIL import Image
-
         from ursa.interpret.plots import image_grid
 
         if self.names is None or self.root is None:
@@ -141,11 +140,10 @@ class ClassificationInterpretation:
         for loss, i in zip(losses.tolist(), idx.tolist()):
             path = self.root / self.names[i]
             try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((thumb, thumb))
-                    images.append(np.asarray(im))
-            except OSError:
+                im = decode_image(path, min_side=thumb)  # upright, within the pixel limit, JPEGs drafted
+                im.thumbnail((thumb, thumb))
+                images.append(np.asarray(im))
+            except BadImageError:
                 images.append(np.full((thumb, thumb, 3), 200, np.uint8))  # moved or unreadable: grey tile
             t, p = self.targets[i], self.preds[i]
             titles.append(f"{self.classes[p]}/{self.classes[t]}\n{loss:.2f} / {self.probs[i, t]:.2f}")

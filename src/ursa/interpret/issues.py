@@ -4,14 +4,15 @@ Everything here reads the run's cached backbone features (see `ursa.train.featur
 training costs seconds, not another pass of the backbone:
 
 - Label issues: out-of-sample probabilities for every image (train and valid) from a k-fold of heads
-  trained on the cached features, with duplicate groups kept in one fold so a copy cannot vouch for
-  itself; then confident learning (`cleanlab.filter.find_label_issues`), ranked by self-confidence,
+  trained on the cached features (`ursa.train.head.fit_fold_heads`), with duplicate groups kept in one
+  fold so a copy cannot vouch for itself; then confident learning (`cleanlab.filter.find_label_issues`), ranked by self-confidence,
   each with the most likely label as the suggestion.
 - Duplicates: byte-identical files (sha256) and near duplicates (cosine similarity of plain-view
   embeddings), grouped; groups whose members carry different labels and groups that straddle train and
   valid (leaks) are reported, and the validation error is recomputed with leaked images left out.
 - Outliers: images whose nearest neighbours in embedding space are unusually far away.
-- Quality: very dark, very bright, blurry and tiny images, measured on the pixels.
+- Quality: very dark, very bright, blurry and tiny images, measured on the pixels; a file that cannot be
+  opened to measure is reported as unreadable.
 
 `find_issues(run_dir)` writes `runs/NAME/issues.csv` (one row per finding) and `issues.json` (the summary).
 This is the only module that imports cleanlab.
@@ -50,8 +51,7 @@ __all__ = [
 ]
 
 # Kinds of finding, in the order the review page shows them.
-KINDS = ("label", "duplicate", "leak", "outlier", "dark", "bright", "blurry", "tiny")
-_MIN_STEPS = 150  # fewest optimiser steps of the k-fold heads, however small the dataset
+KINDS = ("label", "duplicate", "leak", "outlier", "dark", "bright", "blurry", "tiny", "unreadable")
 ISSUE_COLUMNS = ("kind", "name", "label", "split", "suggested", "confidence", "score", "group", "detail")
 
 
@@ -65,7 +65,7 @@ class Issue:
     split: str  # "train" or "valid"
     suggested: str = ""  # label issues: the most likely label (out of sample)
     confidence: float | None = None  # label issues: out-of-sample probability of `suggested`, in [0, 1]
-    score: float | None = None  # kind-specific: label -> p(given label); duplicate -> cosine; outlier -> kNN distance; quality -> the measure
+    score: float | None = None  # kind-specific: label -> p(given label); duplicate -> cosine; outlier -> kNN distance; quality -> the measure; unreadable -> None
     group: str = ""  # duplicates and leaks: the group id shared by the copies
     detail: str = ""  # a short human-readable explanation
 
@@ -117,18 +117,18 @@ def out_of_sample_probs(
 ) -> np.ndarray:
     """Probabilities for every item from a head that never saw that item (stratified group k-fold).
 
-    `views[i]` holds item i's feature vectors (each (d,), the plain view first). Fold f's head is the
-    recipe's head (standardised features, dropout, linear; label smoothing, AdamW, one-cycle) trained on
-    every view of the items outside fold f; it predicts the mean softmax over the first `predict_views`
-    views of the items in fold f. `groups` keeps copies of one picture in the same fold, so a copy
-    cannot vouch for itself. The k heads train together as one batched model (one pass over the data
-    per step instead of k) on one thread (these ops are too small to gain from more, and lose a lot
-    on a busy machine), which is what makes the search take seconds. No label smoothing: confident
-    learning reads the probabilities themselves, and smoothing caps them.
+    `views[i]` holds item i's feature vectors (each (d,), the plain view first). Items are dealt into
+    `folds` folds, stratified by label; `groups` keeps copies of one picture in the same fold, so a copy
+    cannot vouch for itself. Fold f's head is a linear head on standardised features (dropout, AdamW,
+    one-cycle; see `ursa.train.head.fit_fold_heads`) trained on every view of the items outside fold f;
+    it predicts the mean softmax over the first `predict_views` views of the items in fold f. The k heads
+    train together as one batched model, which is what makes the search take seconds. No label
+    smoothing by default: confident learning reads the probabilities themselves, and smoothing caps them.
     Returns (n, n_classes) float32; rows sum to 1.
     """
-    import torch
     from sklearn.model_selection import StratifiedGroupKFold
+
+    from ursa.train.head import fit_fold_heads
 
     n = len(views)
     labels = np.asarray(labels, dtype=np.int64)
@@ -145,60 +145,7 @@ def out_of_sample_probs(
         fold_of = np.empty(n, np.int64)
         for f, (_, te) in enumerate(splitter.split(np.zeros(n), labels, grp_ids)):
             fold_of[te] = f
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _fit_folds(views, labels, fold_of, k, n_classes=n_classes, predict_views=predict_views, epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing, wd=wd, dropout=dropout, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit_folds(views: Sequence[Sequence[np.ndarray]], labels: np.ndarray, fold_of: np.ndarray, k: int, *, n_classes: int, predict_views: int, epochs: int, lr: float, batch_size: int, label_smoothing: float, wd: float, dropout: float, seed: int) -> np.ndarray:
-    import torch
-
-    from ursa.train.schedule import one_cycle
-
-    n = len(views)
-    item_of = np.array([i for i in range(n) for _ in views[i]], np.int64)
-    x = torch.from_numpy(np.stack([v for i in range(n) for v in views[i]]).astype(np.float32))  # (rows, d)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # unsupervised standardisation (the head's BatchNorm, frozen)
-    x = (x - mean) / std
-    y = torch.from_numpy(labels[item_of])
-    train_mask = torch.from_numpy(fold_of[item_of][None, :] != np.arange(k)[:, None])  # (k, rows)
-    d = x.shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(k, d, n_classes, generator=gen) * (1.0 / d**0.5)).requires_grad_()
-    b = torch.zeros(k, 1, n_classes, requires_grad=True)
-    opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=wd, betas=(0.9, 0.99))
-    steps_per_epoch = max(1, int(np.ceil(len(x) / batch_size)))
-    epochs = max(epochs, int(np.ceil(_MIN_STEPS / steps_per_epoch)))  # small sets: enough steps to converge
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for s in range(0, len(x), batch_size):
-            idx = order[s : s + batch_size]
-            lr_now, mom = one_cycle(step, total, lr)
-            for pg in opt.param_groups:
-                pg["lr"], pg["betas"] = lr_now, (mom, 0.99)
-            keep = (torch.rand(len(idx), d, generator=gen) > dropout).float() / (1 - dropout)
-            logits = torch.einsum("nd,kdc->knc", x[idx] * keep, w) + b  # (k, batch, classes)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, n_classes), y[idx].repeat(k), reduction="none", label_smoothing=label_smoothing).reshape(k, -1)
-            m = train_mask[:, idx].float()
-            loss = (loss * m).sum(1) / m.sum(1).clamp_min(1)  # each head's mean over its own training rows
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-            step += 1
-    out = np.zeros((n, n_classes), np.float32)
-    with torch.inference_mode():
-        for v in range(max(1, predict_views)):
-            xv = torch.from_numpy(np.stack([views[i][min(v, len(views[i]) - 1)] for i in range(n)]).astype(np.float32))
-            xv = (xv - mean) / std
-            logits = torch.einsum("nd,kdc->knc", xv, w) + b  # (k, n, classes)
-            own = logits[torch.from_numpy(fold_of), torch.arange(n)]  # each item from the head of its own fold
-            out += own.softmax(-1).numpy()
-    return out / max(1, predict_views)
+    return fit_fold_heads(views, labels, fold_of, folds=k, n_classes=n_classes, predict_views=predict_views, epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing, wd=wd, dropout=dropout, seed=seed)
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray, *, filter_by: str = "both", min_given: float = 0.05) -> np.ndarray:
@@ -457,7 +404,6 @@ def search_issues(
             break
         issues.append(Issue("outlier", names[i], classes[y[i]], split_of[i], "", None, float(dist[i]), "", f"far from every other image (distance {dist[i]:.3f}, {z[i]:.1f} robust z)"))
 
-    n_unreadable = 0
     if quality:
         say("image quality")
         found: list[Issue] = []
@@ -465,13 +411,12 @@ def search_issues(
             try:
                 q = image_quality(root / nm)
             except (OSError, ValueError) as exc:
-                n_unreadable += 1
-                found.append(Issue("tiny", nm, classes[y[i]], split_of[i], "", None, 0.0, "", f"could not be measured: {exc}"))
+                found.append(Issue("unreadable", nm, classes[y[i]], split_of[i], "", None, None, "", f"could not be opened to measure: {exc}"))
                 continue
             for kind, score, detail in quality_flags(q, tiny_px=tiny_px):
                 found.append(Issue(kind, nm, classes[y[i]], split_of[i], "", None, float(score), "", detail))
         order = {k: j for j, k in enumerate(KINDS)}
-        found.sort(key=lambda it: (order[it.kind], it.score if it.kind != "bright" else -(it.score or 0)))
+        found.sort(key=lambda it: (order[it.kind], -(it.score or 0.0) if it.kind == "bright" else (it.score or 0.0)))
         issues.extend(found)
 
     summary: dict[str, Any] = {
@@ -518,7 +463,7 @@ def find_issues(run_dir: str | Path, *, folds: int = 5, near_threshold: float = 
     from ursa.config import DataConfig, TrainConfig
     from ursa.data.split import load_split
     from ursa.errors import UrsaError
-    from ursa.train.recipe import cached_features, prepare_backbone
+    from ursa.train.features import cached_features, prepare_backbone
 
     run = Path(run_dir)
     cfg_path = run / "config.json"
@@ -532,7 +477,7 @@ def find_issues(run_dir: str | Path, *, folds: int = 5, near_threshold: float = 
     if not split.root.is_dir():
         raise InterpretError(f"the dataset of {run} ({split.root}) is not there any more. Move it back, or train again on its new location.")
     data = DataConfig(**cfg["data"])
-    train = TrainConfig(**cfg["train"])
+    train = TrainConfig.from_dict(cfg["train"])
     backbone = prepare_backbone(train)
     fd = cached_features(split, backbone, train, data)
     n_tr, n_va = len(fd.train_names), len(fd.valid_names)

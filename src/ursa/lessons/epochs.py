@@ -93,7 +93,8 @@ def _one_thread() -> Iterator[None]:
     """Run torch on one thread, then restore the setting.
 
     The matrices are small: waking extra threads costs more than the arithmetic, and when another
-    program keeps a core busy, multi-threaded runs measured tens of times slower than one thread.
+    program keeps a core busy, every step of a multi-threaded run waits for the thread on that core, so
+    it ends up far slower than one thread.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

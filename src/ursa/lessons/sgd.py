@@ -223,7 +223,8 @@ def _animate(
     fig.tight_layout()
 
     # Draw everything that does not move once, then per frame restore it and draw only the moving
-    # artists (blitting): a full redraw of axes, ticks and text costs ~0.2 s per frame on a laptop CPU.
+    # artists (blitting): laying out and drawing axes, ticks and text again for every frame would cost far
+    # more than the few artists that move.
     moving = (line, title, curve, dot)
     for artist in moving:
         artist.set_animated(True)

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ursa.config import DEVICES, PRECISIONS
 from ursa.errors import TrainError
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "autocast",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEAD_RANK = (
     "another training process stopped (it crashed, ran out of memory or was killed), so this one cannot go on: {detail}. "
     "Its own error is printed above by torchrun; fix that and run the same command again (the feature cache keeps what was computed)."
@@ -195,7 +195,7 @@ def launch(nproc: int, argv: Sequence[str], *, threads: int | None = None, env_e
 # ---- device and precision ---------------------------------------------------------------------------
 def pick_device(requested: str = "auto") -> torch.device:
     """`auto`: this rank's CUDA GPU when there is one, else the CPU; `cpu`; `cuda` (an error when absent)."""
-    if requested not in ("auto", "cpu", "cuda"):
+    if requested not in DEVICES:
         raise TrainError(f"unknown device {requested!r}; use auto, cpu or cuda.")
     has_cuda = torch.cuda.is_available()
     if requested == "cuda" and not has_cuda:

@@ -1,9 +1,14 @@
-"""The Learner: a model, its data and the training loop, with the lesson's names.
+"""The Learner: a model, its data and a short training loop, with the lesson's names.
 
 `Learner` trains any `nn.Module` on any pair of DataLoaders with one-cycle schedules, layer groups for
-freeze / unfreeze and discriminative learning rates, `lr_find`, metrics, a Recorder and checkpoints.
-The default recipe (`train_run`) uses it twice: first on cached backbone features (a head that trains in
-milliseconds per epoch), then, optionally, on images for full fine-tuning.
+freeze / unfreeze and discriminative learning rates, `lr_find`, metrics and safetensors checkpoints.
+The loop only runs the forward pass, the loss, the backward pass and the step; everything around them
+is a callback (`ursa.train.callbacks`): the Recorder, the progress display, channels-last batches, mixed
+precision and DistributedDataParallel, as fastai's learner keeps its loop skeletal.
+
+The default recipe (`ursa.train.recipe.train_run`) uses it twice: on cached backbone features for the
+head (fitted by L-BFGS, `ursa.train.head`, or trained by one-cycle), then, optionally, on images for
+full fine-tuning.
 """
 
 from __future__ import annotations
@@ -22,44 +27,16 @@ from torch.utils.data import DataLoader
 
 from ursa._io import atomic_write_bytes
 from ursa.errors import TrainError
+from ursa.models import Head, body_groups
 from ursa.train import distributed as dist
-from ursa.train.callbacks import Callback, ProgressCallback, Recorder
+from ursa.train.callbacks import Callback, CancelStep, ChannelsLast, DistributedTraining, MixedPrecision, ProgressCallback, Recorder
 from ursa.train.metrics import METRICS
-from ursa.train.schedule import LRSuggestion, lr_range, one_cycle, smooth, split_lrs, suggest_lr
+from ursa.train.schedule import LRSuggestion, apply_one_cycle, lr_range, smooth, split_lrs, suggest_lr
 
-__all__ = ["Learner", "LRFind", "vision_learner", "train_run", "Head", "body_groups"]
+__all__ = ["Learner", "LRFind", "vision_learner"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-class Head(nn.Module):
-    """Classifier on pooled features: BatchNorm, dropout, linear. Input (n, in_features) -> logits (n, n_classes)."""
-
-    def __init__(self, in_features: int, n_classes: int, *, dropout: float = 0.25):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(in_features)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_features, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.bn(x)))
-
-
-def body_groups(body: nn.Module, n: int = 2) -> list[list[nn.Parameter]]:
-    """Split a backbone's parameters, in module order, into `n` consecutive groups of similar size."""
-    params = [p for p in body.parameters()]
-    if not params:
-        return [[] for _ in range(n)]
-    sizes = np.cumsum([p.numel() for p in params])
-    bounds = [sizes[-1] * (i + 1) / n for i in range(n)]
-    groups: list[list[nn.Parameter]] = [[] for _ in range(n)]
-    g = 0
-    for p, s in zip(params, sizes):
-        groups[g].append(p)
-        if s >= bounds[g] and g < n - 1:
-            g += 1
-    return groups
 
 
 @dataclass
@@ -82,6 +59,9 @@ class Learner:
 
     `groups` are the parameter groups, body first and head last (default: one group). `classes` names
     the outputs. `path` is the run folder: `save`/`load` use `path/models/<name>.safetensors`.
+    `device`: where batches go (None: left where the loader puts them). `precision` "bf16"/"fp16",
+    `channels_last` and `ddp` add the MixedPrecision, ChannelsLast and DistributedTraining callbacks;
+    with `ddp` the loaders should use a DistributedSampler.
     """
 
     def __init__(
@@ -110,6 +90,7 @@ class Learner:
         ddp: bool = False,
     ):
         self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
+        self.net: nn.Module = model  # what the loop runs: the model, or a wrapper of it while a callback holds one (DDP)
         self.classes = list(classes)
         self.groups = groups or [[p for p in model.parameters()]]
         self.loss_func = loss_func or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
@@ -121,23 +102,21 @@ class Learner:
         # statistics and break a head that was trained on features computed with them.
         self.bn_eval = bn_eval
         self.dls = dls  # the DataBunch, for image learners
-        # Scale-out: batches go to `device` (None: left where the loader puts them), the forward pass
-        # runs under autocast for bf16/fp16, image batches may be channels-last, and with `ddp` inside
-        # a torchrun process group the model is wrapped in DistributedDataParallel while it trains
-        # (gradients all-reduced; the loaders should then use a DistributedSampler).
         self.device = None if device is None else torch.device(device)
-        self.precision, self.channels_last, self.ddp = precision, channels_last, ddp
         self.train_seconds, self.train_samples = 0.0, 0  # time in training batches (no validation), samples over all ranks
         if self.device is not None:
             self.model.to(self.device)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise TrainError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}; ursa.train.distributed.choose_precision resolves 'auto' for a device.")
         self.recorder = Recorder()
-        self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress), *cbs]
+        scale_out = [*([ChannelsLast()] if channels_last else []), *([MixedPrecision(precision)] if precision != "fp32" else []), *([DistributedTraining()] if ddp else [])]
+        self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress), *scale_out, *cbs]
         self.frozen_to = 0
+        self.training = False
         self.last_loss = self.last_lr = self.epoch_train_loss = float("nan")
         self.last_metrics: dict[str, float] = {}
         self.epoch = self.n_epoch = 0
+        self._call("after_create")
 
     # ---- layer groups -------------------------------------------------------------------------
     def freeze_to(self, n: int) -> None:
@@ -186,13 +165,7 @@ class Learner:
         peaks = [lr for g, lr in zip(self.groups, peaks) if any(p.requires_grad for p in g)]
         opt = self._optimizer(split_lrs(lr_max, len(self.groups)), self.wd if wd is None else wd)
         total = n_epoch * len(self.train_dl)
-
-        def schedule(step: int) -> None:
-            for pg, peak in zip(opt.param_groups, peaks):
-                lr, mom = one_cycle(step, total, peak, pct_start=pct_start, div=div, div_final=div_final)
-                pg["lr"], pg["betas"] = lr, (mom, pg["betas"][1])
-
-        self._fit(n_epoch, opt, schedule)
+        self._fit(n_epoch, opt, lambda step: apply_one_cycle(opt, step, total, peaks, pct_start=pct_start, div=div, div_final=div_final))
 
     def fit(self, n_epoch: int, lr: float | slice = 1e-3, *, wd: float | None = None) -> None:
         """Train `n_epoch` epochs at a constant learning rate."""
@@ -206,66 +179,63 @@ class Learner:
                 if isinstance(m, _BN):
                     m.eval()
 
-    def _batch(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch on the learner's device (and channels-last for image batches when asked)."""
+    def _to_device(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Make (xb, yb) the current batch, on the learner's device."""
         if self.device is not None:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-        if self.channels_last and xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, yb
+        self.xb, self.yb = xb, yb
 
-    def _net(self) -> nn.Module:
-        """The module to train: the model, or a DDP wrapper of it (built after freeze/unfreeze, which DDP needs)."""
-        if not (self.ddp and dist.is_distributed()):
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
+    def _forward(self, net: nn.Module) -> torch.Tensor:
+        """`net` on the current batch, between before_batch and after_pred (run even when the forward
+        raised, so a callback's context, such as autocast, is always left)."""
+        self._call("before_batch")
+        try:
+            self.pred = net(self.xb)
+        finally:
+            self._call("after_pred")
+        return self.pred
 
-        ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
+    def _train_batch(self, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        """One optimizer step on the current batch; sets last_loss and last_lr."""
+        self.opt = opt
+        self.loss = self.loss_grad = self.loss_func(self._forward(net).float(), self.yb)
+        opt.zero_grad(set_to_none=True)
+        self._call("before_backward")
+        self.loss_grad.backward()
+        try:
+            self._call("before_step")
+            opt.step()
+        except CancelStep:
+            pass
+        self.last_loss, self.last_lr = self.loss.item(), opt.param_groups[-1]["lr"]
 
     def _fit(self, n_epoch: int, opt: torch.optim.Optimizer, schedule: Callable[[int], None]) -> None:
         self.n_epoch, step = n_epoch, 0
-        net = self._net()
-        dev = self.device or torch.device("cpu")
-        scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
-        sampler = getattr(self.train_dl, "sampler", None)
         self._call("before_fit")
         try:
             for self.epoch in range(n_epoch):
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(self.epoch)  # DistributedSampler: a new shuffle each epoch, the same on every rank
+                self._call("before_epoch")
                 self._train_mode()
-                tot, cnt = 0.0, 0
+                self.training, self.loss_sum, self.n_samples = True, 0.0, 0
                 t_epoch = time.perf_counter()
                 for xb, yb in self.train_dl:
-                    xb, yb = self._batch(xb, yb)
+                    self._to_device(xb, yb)
                     schedule(step)
-                    with dist.autocast(dev, self.precision):
-                        out = net(xb)
-                    loss = self.loss_func(out.float(), yb)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
+                    self._train_batch(self.net, opt)
                     step += 1
-                    self.last_loss, self.last_lr = loss.item(), opt.param_groups[-1]["lr"]
                     if not math.isfinite(self.last_loss):
                         raise TrainError(f"the training loss became {self.last_loss} at epoch {self.epoch + 1}: the learning rate is too high. Run lr_find and pick a smaller one.")
-                    tot, cnt = tot + self.last_loss * len(yb), cnt + len(yb)
+                    self.loss_sum, self.n_samples = self.loss_sum + self.last_loss * len(self.yb), self.n_samples + len(self.yb)
                     self._call("after_batch")
-                if self.ddp and dist.is_distributed():  # the epoch's loss over every rank's samples
-                    parts = dist.gather((tot, cnt))
-                    tot, cnt = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                self.training = False
+                self._call("after_train")
                 self.train_seconds += time.perf_counter() - t_epoch
-                self.train_samples += cnt
-                self.epoch_train_loss = tot / max(1, cnt)
+                self.train_samples += self.n_samples
+                self.epoch_train_loss = self.loss_sum / max(1, self.n_samples)
                 self.last_metrics = self.validate()
                 self._call("after_epoch")
         finally:
+            self.training = False
             self._call("after_fit")
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, *, freeze_epochs: int = 1, lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0) -> None:
@@ -278,19 +248,17 @@ class Learner:
         self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def get_preds(self, dl: DataLoader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_preds(self, dl: Iterable[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities (n, classes), targets (n,)) over `dl` (default: the validation set)."""
         dl = self.valid_dl if dl is None else dl
         if dl is None:
             raise TrainError("no validation data: pass a DataLoader to get_preds().")
         self.model.eval()
         outs, ys = [], []
-        dev = self.device or torch.device("cpu")
         with torch.inference_mode():
             for xb, yb in dl:
-                xb, _ = self._batch(xb, yb)
-                with dist.autocast(dev, self.precision):
-                    outs.append(self.model(xb).float().cpu())
+                self._to_device(xb, yb)
+                outs.append(self._forward(self.model).float().cpu())
                 ys.append(yb)
         logits = torch.cat(outs) if outs else torch.zeros(0, len(self.classes))
         return logits.softmax(-1), (torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long))
@@ -308,10 +276,7 @@ class Learner:
     def predict(self, item: Any) -> tuple[str, int, torch.Tensor]:
         """(label, class index, probabilities) for one input: a path or PIL image (image models) or a tensor."""
         x = self.preprocess(item) if self.preprocess is not None and not isinstance(item, torch.Tensor) else item
-        self.model.eval()
-        with torch.inference_mode():
-            xb, _ = self._batch(x.unsqueeze(0), torch.zeros(1, dtype=torch.long))
-            probs = self.model(xb).float().softmax(-1)[0].cpu()
+        probs = self.get_preds([(x.unsqueeze(0), torch.zeros(1, dtype=torch.long))])[0][0]
         idx = int(probs.argmax())
         return self.classes[idx], idx, probs
 
@@ -327,7 +292,7 @@ class Learner:
         raw: list[float] = []
         best = float("inf")
         self._train_mode()
-        it = 0
+        self.training, it = True, 0
         try:
             while it < num_it:
                 for xb, yb in self.train_dl:
@@ -335,12 +300,9 @@ class Learner:
                         break
                     for pg in opt.param_groups:
                         pg["lr"] = float(lrs[it])
-                    xb, yb = self._batch(xb, yb)
-                    loss = self.loss_func(self.model(xb), yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    raw.append(loss.item())
+                    self._to_device(xb, yb)
+                    self._train_batch(self.model, opt)
+                    raw.append(self.last_loss)
                     sm = smooth(raw)[-1]
                     best = min(best, sm)
                     it += 1
@@ -348,6 +310,7 @@ class Learner:
                         it = num_it
                         break
         finally:
+            self.training = False
             self.model.load_state_dict(state)
         losses = smooth(raw)
         n = len(losses)
@@ -409,9 +372,3 @@ def vision_learner(dls: Any, arch: str = "efficientnet_lite0", *, weights: str |
     learn.freeze()
     return learn
 
-
-def train_run(*args: Any, **kwargs: Any) -> Any:
-    """The default recipe end to end; see `ursa.train.recipe.train_run`."""
-    from ursa.train.recipe import train_run as _run
-
-    return _run(*args, **kwargs)

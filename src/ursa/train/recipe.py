@@ -4,9 +4,12 @@
 2. Compute backbone features once per image and view (cached on disk; see `features.py`). Small
    datasets get several augmented views per image, up to `view_budget` cached training samples, so
    a 10-shot set trains on ~10x more variety at the cost of one forward pass per view.
-3. Train the head on the cache with one-cycle (milliseconds per epoch). Evaluate with the plain and
-   mirrored view averaged (test-time augmentation) when flips are allowed.
-4. Optionally (`fine_tune` > 0) fine-tune the whole network on images with discriminative learning rates.
+3. Fit the head on the whole cache: by default a linear head fitted to convergence by L-BFGS
+   (`head.py`; no learning rate or epoch count), or with `head="one_cycle"` by mini-batch epochs on the
+   same Learner. Evaluate with the plain and mirrored view averaged (test-time augmentation) when flips
+   are allowed.
+4. Optionally (`fine_tune` > 0) fine-tune the whole network on images with discriminative learning rates,
+   on the same Learner class (mixed precision, channels-last and DDP are its callbacks).
 5. Write the run folder, whole and only once the run has succeeded: config.json, split.json,
    history.csv, metrics.json, losses.png, predictions.csv and models/model.safetensors.
 """
@@ -34,13 +37,15 @@ from ursa._io import atomic_write_bytes, atomic_write_json
 from ursa.config import DataConfig, TrainConfig, to_dict
 from ursa.data.split import Split, build_split, save_split
 from ursa.errors import TrainError
-from ursa.models import Backbone, create_backbone
+from ursa.models import Backbone, Head, body_groups
 from ursa.train import distributed as dist
-from ursa.train.features import MIRROR, PLAIN, FeatureCache, cache_dir_for
-from ursa.train.learner import Head, Learner, body_groups
+from ursa.train.callbacks import Recorder
+from ursa.train.features import FeatureData, cached_features, prepare_backbone
+from ursa.train.head import fit_linear_head
+from ursa.train.learner import Learner
 from ursa.train.metrics import accuracy, error_rate
 
-__all__ = ["RunResult", "train_run", "head_learner", "fit_linear_head", "prepare_backbone", "views_for", "next_free_dir", "FeatureData", "cached_features"]
+__all__ = ["RunResult", "train_run", "head_learner", "next_free_dir"]
 
 
 @dataclass
@@ -56,14 +61,6 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def views_for(n_train: int, *, max_views: int, budget: int, flip: bool) -> list[int]:
-    """Cached views for training: plain, then mirrored (if flips allowed), then augmented views, while
-    n_train * len(views) stays within `budget` (at least the plain view)."""
-    pool = [PLAIN] + ([MIRROR] if flip else []) + list(range(2, 2 + max_views))
-    n = max(1, min(len(pool), budget // max(1, n_train)))
-    return pool[:n]
-
-
 def next_free_dir(out: Path) -> Path:
     """`out` if it is absent or empty, else `out-2`, `out-3`, ...: a run never overwrites another."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -76,77 +73,6 @@ def next_free_dir(out: Path) -> Path:
         i += 1
 
 
-@dataclass
-class FeatureData:
-    """Cached features of a split: training samples (all views stacked) and validation views."""
-
-    x_train: torch.Tensor  # (n_train * views, d) float32
-    y_train: torch.Tensor  # (n_train * views,) int64
-    train_names: list[str]
-    x_valid: list[torch.Tensor]  # one (n_valid, d) tensor per evaluation view
-    y_valid: torch.Tensor
-    valid_names: list[str]
-    failed: list[Any]
-    views: list[int]
-
-
-def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg: DataConfig, *, progress: Callable[[str, int, int], None] | None = None, device: torch.device | str = "cpu") -> FeatureData:
-    """Features for every training view and the evaluation views of the validation set (cached on disk;
-    computed on `device`, shared out across ranks under torchrun)."""
-    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed, device=device)
-    views = views_for(len(split.train), max_views=cfg.views, budget=int(cfg.extra.get("view_budget", 2000)), flip=data_cfg.flip)
-    eval_views = [PLAIN, MIRROR] if (cfg.tta and data_cfg.flip) else [PLAIN]
-    kw = dict(batch_size=cfg.batch_size, num_workers=int(cfg.extra.get("num_workers", 0)))
-    failed: dict[str, Any] = {}
-
-    def get(names: list[str], view: int, label: str) -> Any:
-        cb = (lambda d, t: progress(label, d, t)) if progress else None
-        fs = cache.get(split.root, names, view, progress=cb, **kw)
-        failed.update({s.name: s for s in fs.failed})
-        return fs
-
-    va_names = [it.name for it in split.valid]
-    va_sets = [get(va_names, v, f"features valid view {v}") for v in eval_views]
-    tr_names = [it.name for it in split.train]
-    tr_sets = [get(tr_names, v, f"features train view {v}") for v in views]
-    bad = set(failed)
-    label = {it.name: it.label for it in [*split.train, *split.valid]}
-    index = {c: i for i, c in enumerate(split.classes)}
-
-    def stack(fs_list: list[Any], names: list[str]) -> list[torch.Tensor]:
-        keep = [n for n in names if n not in bad]
-        out = []
-        for fs in fs_list:
-            row = {n: i for i, n in enumerate(fs.names)}
-            out.append(torch.from_numpy(fs.feats[[row[n] for n in keep]]))
-        return out
-
-    tr_keep = [n for n in tr_names if n not in bad]
-    va_keep = [n for n in va_names if n not in bad]
-    xs = stack(tr_sets, tr_names)
-    y_tr = torch.tensor([index[label[n]] for n in tr_keep], dtype=torch.long)
-    return FeatureData(
-        x_train=torch.cat(xs),
-        y_train=y_tr.repeat(len(xs)),
-        train_names=tr_keep,
-        x_valid=stack(va_sets, va_names),
-        y_valid=torch.tensor([index[label[n]] for n in va_keep], dtype=torch.long),
-        valid_names=va_keep,
-        failed=list(failed.values()),
-        views=views,
-    )
-
-
-def prepare_backbone(train: TrainConfig, backbone: Backbone | None = None) -> Backbone:
-    """The backbone of `train` (or the one given), with its input side set to `train.size` when given."""
-    from dataclasses import replace
-
-    bb = backbone or create_backbone(train.arch, weights=train.weights)
-    if train.size is not None:  # TrainConfig has checked its range
-        bb = replace(bb, data_config={**bb.data_config, "input_size": (3, train.size, train.size)})
-    return bb
-
-
 def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), *, progress: bool = True, console: Any = None) -> Learner:
     """A Learner for the head stage on cached features (for lr_find or custom schedules); nothing written."""
     split = build_split(root, data)
@@ -157,56 +83,15 @@ def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: Train
     return _make_head_learner(fd, split, backbone, train, data, Path("."), progress)
 
 
-def _make_head_learner(fd: "FeatureData", split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> Learner:
+def _make_head_learner(fd: FeatureData, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> Learner:
     gen = torch.Generator().manual_seed(data.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(data.seed)
-        head = Head(backbone.num_features, len(split.classes), dropout=float(train.extra.get("dropout", 0.25)))
-    bs = int(train.extra.get("head_bs", 64))
+        head = Head(backbone.num_features, len(split.classes), dropout=train.dropout)
+    bs = train.head_batch_size
     train_dl = DataLoader(TensorDataset(fd.x_train, fd.y_train), batch_size=bs, shuffle=True, generator=gen, drop_last=len(fd.y_train) > bs)
     valid_dl = DataLoader(TensorDataset(fd.x_valid[0], fd.y_valid), batch_size=512)
-    return Learner(head, train_dl, valid_dl, classes=split.classes, path=out, progress=progress, stage="head", wd=float(train.extra.get("wd", 0.01)), label_smoothing=float(train.extra.get("label_smoothing", 0.1)))
-
-
-def fit_linear_head(learn: Learner, *, c: float = 0.5, max_iter: int = 300) -> None:
-    """Fit the head's linear layer to convergence on the whole feature cache: multinomial logistic
-    regression with an L2 penalty (scikit-learn's C convention), by full-batch L-BFGS.
-
-    On frozen features this is the strongest linear head and it has no learning rate or epoch count
-    to tune; measured on real photos it beat a one-cycle SGD head (see benchmarks/train_speed.py).
-    The head's BatchNorm is set to the identity (mean 0, variance 1 - eps) so the model computes
-    exactly x @ W.T + b, and stays trainable for fine-tuning. Records one history row.
-    """
-    head = learn.model
-    if not isinstance(head, Head):
-        raise TrainError("fit_linear_head needs a Head on cached features.")
-    x, y = learn.train_dl.dataset.tensors  # type: ignore[attr-defined]
-    n, k = len(y), len(learn.classes)
-    l2 = 1.0 / (c * n)
-    w = torch.zeros(k, x.shape[1], requires_grad=True)
-    b = torch.zeros(k, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-    losses: list[float] = []
-    t0 = time.perf_counter()
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        losses.append(loss.item())
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        head.bn.reset_parameters()
-        head.bn.running_var.fill_(1.0 - head.bn.eps)
-        head.fc.weight.copy_(w)
-        head.fc.bias.copy_(b)
-    head.eval()
-    # L-BFGS iterations are not mini-batches: the history gets one row and no batch losses
-    with torch.no_grad():
-        ce = float(torch.nn.functional.cross_entropy(head(x), y))
-    learn.recorder.rows.append({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), "batches": 0, "iterations": len(losses), **learn.validate()})
+    return Learner(head, train_dl, valid_dl, classes=split.classes, path=out, progress=progress, stage="head", wd=train.wd, label_smoothing=train.label_smoothing)
 
 
 def _tta_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -243,7 +128,7 @@ def train_run(
     if train.threads:
         torch.set_num_threads(train.threads)
     # under torchrun: join the process group; only rank 0 shows progress and writes the run folder
-    device = dist.pick_device(str(train.extra.get("device", "auto")))
+    device = dist.pick_device(train.device)
     dist.init(device)
     progress = progress and dist.is_main()
     split = split or build_split(root, data)
@@ -319,9 +204,8 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     good_train = set(fd.train_names)
     good_valid = set(fd.valid_names)
     clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
-    size = int(train.extra.get("fine_tune_size", 0)) or None
     bs = train.batch_size
-    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=bs, flip=data.flip, size=size, num_workers=int(train.extra.get("num_workers", 0)))
+    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=bs, flip=data.flip, size=train.fine_tune_size, num_workers=train.num_workers)
     train_dl, world = dls.train, dist.world_size()
     if world > 1:
         from torch.utils.data import DistributedSampler
@@ -330,11 +214,11 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
         per = max(1, bs // world)
         nw = train_dl.num_workers
         train_dl = DataLoader(train_dl.dataset, batch_size=per, sampler=sampler, drop_last=len(sampler) > per, collate_fn=train_dl.collate_fn, num_workers=nw, persistent_workers=nw > 0)
-    channels_last = bool(train.extra.get("channels_last", device.type == "cuda"))
-    model.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    precision, why = dist.choose_precision(str(train.extra.get("precision", "auto")), device)
-    learn = Learner(model, train_dl, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune", label_smoothing=float(train.extra.get("label_smoothing", 0.0)), preprocess=dls.preprocess, bn_eval=model,
-                    device=device, precision=precision, channels_last=channels_last, ddp=world > 1)  # fmt: skip
+    channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
+    model.to(device=device, memory_format=torch.contiguous_format)  # feature extraction left the backbone channels-last; start from one layout
+    precision, why = dist.choose_precision(train.precision, device)
+    learn = Learner(model, train_dl, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune",
+                    label_smoothing=train.fine_tune_label_smoothing, preprocess=dls.preprocess, bn_eval=model, device=device, precision=precision, channels_last=channels_last, ddp=world > 1)  # fmt: skip
     learn.unfreeze()
     lr = train.fine_tune_lr
     with torch.random.fork_rng(devices=[]):
@@ -344,9 +228,7 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
     if data.flip and train.tta:
         from ursa.data.transforms import flip_view
 
-        model.eval()
-        with torch.inference_mode(), dist.autocast(device, precision):
-            flipped = torch.cat([model(learn._batch(flip_view(xb), yb)[0]).float().softmax(-1).cpu() for xb, yb in dls.valid])
+        flipped, _ = learn.get_preds((flip_view(xb), yb) for xb, yb in dls.valid)
         probs = (probs + flipped) / 2
     if runtime is not None:
         ips = learn.train_samples / learn.train_seconds if learn.train_seconds > 0 else float("nan")
@@ -383,8 +265,6 @@ def _publish_run(out: Path, write: Callable[[Path], None]) -> Path:
 
 def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor, *, runtime: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save
-
-    from ursa.train.callbacks import Recorder
 
     config = {
         "root": str(split.root.resolve()),  # absolute: export, interpret and report may run from another folder

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["cos_anneal", "one_cycle", "lr_range", "smooth", "suggest_lr", "LRSuggestion", "split_lrs"]
+__all__ = ["cos_anneal", "one_cycle", "apply_one_cycle", "lr_range", "smooth", "suggest_lr", "LRSuggestion", "split_lrs"]
 
 
 def cos_anneal(start: float, end: float, pct: float) -> float:
@@ -28,6 +28,14 @@ def one_cycle(step: int, total: int, lr_max: float, *, pct_start: float = 0.25, 
         return cos_anneal(lr_max / div, lr_max, p), cos_anneal(moms[0], moms[1], p)
     p = (pct - pct_start) / (1 - pct_start)
     return cos_anneal(lr_max, lr_max / div_final, p), cos_anneal(moms[1], moms[2], p)
+
+
+def apply_one_cycle(opt: Any, step: int, total: int, peaks: Sequence[float], **kw: Any) -> None:
+    """Set the learning rate and Adam's beta1 of each parameter group of `opt` (a torch optimizer) to their
+    one-cycle values at `step` of `total`; `peaks[i]` is group i's lr_max, `kw` go to `one_cycle`."""
+    for pg, peak in zip(opt.param_groups, peaks):
+        lr, mom = one_cycle(step, total, peak, **kw)
+        pg["lr"], pg["betas"] = lr, (mom, pg["betas"][1])
 
 
 def lr_range(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:

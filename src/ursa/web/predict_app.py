@@ -37,8 +37,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
-from ursa.errors import ServeError
-from ursa.export import MAX_PIXELS, BadImageError, ImageTooLargeError, NotAnImageError, Predictor
+from ursa.errors import BadImageError, ImageTooLargeError, NotAnImageError, ServeError
+from ursa.export import MAX_PIXELS, Predictor
 from ursa.web.security import protect
 
 __all__ = ["create_predict_app", "serve", "default_workers", "PredictionOut", "MAX_UPLOAD_BYTES"]

@@ -45,6 +45,7 @@ KIND_TITLES = {
     "bright": ("Very bright", ""),
     "blurry": ("Blurry or flat", ""),
     "tiny": ("Tiny", "Too few pixels to learn from."),
+    "unreadable": ("Unreadable", "The file could not be opened to measure its pixels: it may have changed or gone since training."),
 }
 
 

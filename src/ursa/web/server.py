@@ -25,14 +25,13 @@ size (benchmarks/serve_memory.py).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import sys
 from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ursa._malloc import M_MMAP_THRESHOLD, mallopt
 from ursa.web.security import CLOSED_KEY
 
 __all__ = ["TimedH11Protocol", "server_config", "run", "return_large_buffers", "IDLE_TIMEOUT_S", "HEADER_TIMEOUT_S", "BODY_TIMEOUT_S", "MIN_BODY_RATE", "MAX_HEADER_BYTES"]
@@ -148,14 +147,7 @@ def server_config(app: Any, *, host: str, port: int, log_level: str = "info", ac
 
 def return_large_buffers() -> bool:
     """Fix glibc's mmap threshold at `MMAP_THRESHOLD` (see the module docstring); True when applied."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def run(app: Any, *, host: str, port: int, log_level: str = "info", access_log: bool = True, limit_concurrency: int = 256) -> None:

@@ -1,4 +1,4 @@
-"""ursa.data.images: the evaluation geometry shared by training and serving, and upright decoding."""
+"""ursa.imageio: the evaluation geometry shared by training and serving, and upright decoding."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from conftest import draw_example
-from ursa.data import images
+from ursa import imageio as images
 from ursa.errors import DataError
 from ursa.data.transforms import eval_transform, open_image
 
