@@ -30,6 +30,8 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
+# no test downloads weights: the hub (and ursa.models' reachability check) read only the local caches
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Distinct colour and shape per class, so even a tiny model separates them.
 _STYLES = [((220, 40, 40), "ellipse"), ((40, 160, 60), "rectangle"), ((40, 70, 220), "triangle"), ((230, 200, 40), "cross")]

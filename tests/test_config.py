@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import typer
 
-from ursa.config import CollectConfig, DataConfig, TrainConfig, VerifyConfig, check_number, to_dict
+from ursa.config import Augment, CollectConfig, DataConfig, TrainConfig, VerifyConfig, check_number, to_dict
 from ursa.errors import CollectError, DataError, TrainError, UrsaError, VerifyError
 
-CONFIGS = {DataConfig: DataError, TrainConfig: TrainError, CollectConfig: CollectError, VerifyConfig: VerifyError}
+CONFIGS = {DataConfig: DataError, Augment: DataError, TrainConfig: TrainError, CollectConfig: CollectError, VerifyConfig: VerifyError}
 
 # Every field of every config, with values it must refuse. A field added without an entry fails
 # test_every_field_is_covered, so each new setting gets its check and its test.
@@ -25,6 +25,19 @@ BAD: dict[type, dict[str, list[object]]] = {
         "seed": [-1, 2**32, 1.5, True, None],
         "flip": ["no", 1, None],
         "allow_new_labels": ["yes", 0],
+        "aug": ["fancy", 3, None],
+    },
+    Augment: {
+        "do_flip": ["yes", 1, None],
+        "flip_vert": ["no", 0],
+        "max_rotate": [-1.0, 180.5, math.nan, "10", None],
+        "max_zoom": [0.99, 10.5, math.inf, None],
+        "max_lighting": [-0.1, 1.0, None],
+        "max_warp": [-0.2, 1.0, "0.2"],
+        "p_affine": [-0.1, 1.1, None],
+        "p_lighting": [1.5, math.nan],
+        "min_scale": [0.0, 1.01, -0.5],
+        "saturation": [-0.1, 1.5],
     },
     TrainConfig: {
         "arch": ["", None, 3],

@@ -98,7 +98,7 @@ def test_quality_flags_on_images(tmp_path: Path, draw_shape) -> None:  # noqa: A
 def test_an_image_that_cannot_be_measured_is_unreadable_not_tiny(tmp_path: Path, draw_shape) -> None:  # noqa: ANN001
     """Regression: a file the quality pass could not open was reported as kind "tiny" with score 0."""
     from ursa.interpret.issues import KINDS, search_issues
-    from ursa.web.review_app import KIND_TITLES
+    from ursa.interpret.issues import KIND_TITLES
 
     x, y = _blobs(n_per=4, d=8)
     names = []
@@ -186,3 +186,16 @@ def test_find_issues_errors(tmp_path: Path, run_cli) -> None:  # noqa: ANN001
     assert code == 2 and "ursa train" in err
     with pytest.raises(InterpretError, match="ursa issues"):
         read_issues(tmp_path)
+
+
+def test_too_few_distinct_pictures_for_the_folds_is_a_clear_error() -> None:
+    """Regression: sklearn's raw ValueError (n_splits greater than the number of groups) reached the user."""
+    import numpy as np
+
+    from ursa.errors import InterpretError
+    from ursa.interpret.issues import out_of_sample_probs
+
+    views = [[np.zeros(4, np.float32)] for _ in range(12)]
+    labels = np.array([0, 1] * 6)
+    with pytest.raises(InterpretError, match="only 3 distinct pictures"):
+        out_of_sample_probs(views, labels, n_classes=2, groups=[i % 3 for i in range(12)], folds=5)

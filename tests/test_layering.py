@@ -26,8 +26,9 @@ LEVELS = {
     "collect": 1, "verify": 1, "data": 1, "models": 1,
     "train": 2,
     "interpret": 3,
-    "review": 4, "export": 4,
-    "web": 5, "report": 5,
+    "review": 3,  # interpret's ImageCleaner writes through review's journal, so review sits on interpret's layer
+    "export": 4,
+    "web": 5, "report": 5, "notebook": 5,  # notebook: the lesson's names, composing every stage below
     "cli": 6, "__main__": 6,
 }  # fmt: skip
 TOP = 7  # the `ursa` package itself: the notebook API, re-exported lazily from every layer

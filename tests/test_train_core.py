@@ -88,11 +88,15 @@ def test_freeze_unfreeze_and_discriminative_lrs(tmp_path: Path) -> None:
 def test_lr_find_restores_weights_and_suggests(tmp_path: Path) -> None:
     learn = _learner(tmp_path)
     state = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    res = learn.lr_find(num_it=60)
+    sug = learn.lr_find(num_it=60)
     assert all(torch.equal(state[k], v) for k, v in learn.model.state_dict().items())
-    assert 1e-7 <= res.suggestion.valley <= 10 and len(res.lrs) == len(res.losses) >= 4
-    fig = res.plot(tmp_path / "lr.png")
+    # fastai's SuggestedLRs: a named tuple; the sweep is on the recorder, which draws it
+    assert isinstance(sug, tuple) and sug._fields == ("valley", "minimum", "steep") and 1e-7 <= sug.valley <= 10
+    res = learn.recorder.lr_find
+    assert res is not None and res.suggestion == sug and len(res.lrs) == len(res.losses) >= 4
+    fig = learn.recorder.plot_lr_find(tmp_path / "lr.png")
     assert fig is not None and (tmp_path / "lr.png").stat().st_size > 5000
+    assert learn.recorder.plot() is not None  # the lesson's name for the same plot
 
 
 def test_save_load_predict_and_wrong_checkpoint(tmp_path: Path) -> None:
@@ -239,3 +243,17 @@ def test_channels_last_is_a_callback(tmp_path: Path) -> None:
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
     learn.fit(1, 1e-3)
     assert shapes and all(shapes)
+
+
+def test_lr_find_on_a_trained_learner_does_not_stop_on_early_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: after training, the first batches' tiny, noisy loss looked like a 4x divergence and the
+    sweep stopped after 2 batches ("lr_find ran fewer than 4 batches")."""
+    learn = _learner(tmp_path)
+    losses = iter([0.001, 0.02, 0.015, 0.01, 0.012] + [0.01] * 25)  # a trained model: tiny, then noise
+
+    def batch(net, opt) -> None:  # noqa: ANN001
+        learn.last_loss = next(losses)
+
+    monkeypatch.setattr(learn, "_train_batch", batch)
+    learn.lr_find(start_lr=1e-6, end_lr=1e-2, num_it=30)
+    assert len(learn.recorder.lr_find.lrs) == 30

@@ -21,7 +21,7 @@ from typing import Any
 
 from ursa.errors import CollectError, DataError, TrainError, UrsaError, VerifyError
 
-__all__ = ["DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict", "check_number", "MAX_PIXELS", "DEVICES", "PRECISIONS"]
+__all__ = ["Augment", "DEFAULT_AUG", "AUG_PRESETS", "DataConfig", "TrainConfig", "CollectConfig", "VerifyConfig", "to_dict", "check_number", "MAX_PIXELS", "DEVICES", "PRECISIONS"]
 
 MAX_SEED = 2**32 - 1  # seeds run from 0 to 2**32 - 1, as NumPy's and scikit-learn's
 HEADS = ("lbfgs", "one_cycle")  # head solvers of the default recipe
@@ -122,6 +122,79 @@ def _text(cfg: Any, error: type[UrsaError], name: str, option: str | None, *, op
 
 
 @dataclass(frozen=True)
+class Augment:
+    """How training images are augmented: fastai's `aug_transforms` settings, and the random crop.
+
+    The defaults are fastai's (`ursa.aug_transforms()`); `ursa train` uses `DEFAULT_AUG` unless told
+    otherwise. `ursa.data.transforms.train_transform` builds the transform; `spec()` is what the feature
+    cache's signature and a run's config.json hold. Every draw comes from torch's generator, so a seeded
+    view (the feature cache's augmented views) is the same on every run.
+    """
+
+    do_flip: bool = True  # mirror left-right, with probability 0.5 (turn off for digits, text, left/right classes)
+    flip_vert: bool = False  # with do_flip: any of the 8 flips and quarter turns (fastai's Dihedral), for pictures with no "up"
+    max_rotate: float = 10.0  # largest rotation, degrees, in [0, 180]; drawn with probability p_affine
+    max_zoom: float = 1.1  # largest zoom-in factor, in [1, 10] (1: none), toward a random point; with probability p_affine
+    max_lighting: float = 0.2  # largest brightness and contrast change, a share in [0, 1); with probability p_lighting
+    max_warp: float = 0.2  # largest perspective warp (corners moved by this share of half the side), in [0, 1); with probability p_affine
+    p_affine: float = 0.75  # probability of each of rotate, zoom and warp, in [0, 1]
+    p_lighting: float = 0.75  # probability of the lighting change, in [0, 1]
+    min_scale: float = 1.0  # smallest share of the image's area a random crop keeps, in (0, 1]; 1: resize the short side, crop a random square
+    saturation: float = 0.0  # largest colour saturation change, a share in [0, 1], applied with the lighting
+
+    def __post_init__(self) -> None:
+        e = DataError
+        _flag(self, e, "do_flip", "--flip/--no-flip")
+        _flag(self, e, "flip_vert", "--flip-vert")
+        _number(self, e, "max_rotate", "--max-rotate", at_least=0.0, at_most=180.0, unit="degrees", hint="0 turns rotation off; fastai's default is 10.")
+        _number(self, e, "max_zoom", "--max-zoom", at_least=1.0, at_most=10.0, hint="1 turns zoom off; fastai's default is 1.1.")
+        _number(self, e, "max_lighting", "--max-lighting", at_least=0.0, below=1.0, hint="0 turns it off; fastai's default is 0.2.")
+        _number(self, e, "max_warp", "--max-warp", at_least=0.0, below=1.0, hint="0 turns it off; fastai's default is 0.2.")
+        _number(self, e, "p_affine", "--p-affine", at_least=0.0, at_most=1.0)
+        _number(self, e, "p_lighting", "--p-lighting", at_least=0.0, at_most=1.0)
+        _number(self, e, "min_scale", "--min-scale", above=0.0, at_most=1.0, hint="1 keeps the whole image; 0.35 is `ursa train`'s default crop.")
+        _number(self, e, "saturation", None, at_least=0.0, at_most=1.0)
+        for f in dataclasses.fields(self):
+            if f.name not in ("do_flip", "flip_vert"):  # 10 and 10.0 are one setting, with one spec (and one cache)
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
+    def spec(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (`Augment.from_spec` reads it back)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "Augment":
+        """The Augment a spec dict (a run's config.json) describes; an unknown key raises DataError."""
+        unknown = sorted(map(str, set(spec) - {f.name for f in dataclasses.fields(cls)}))
+        if unknown:
+            raise DataError(f"the augmentation settings hold unknown fields {unknown}; the known ones are {[f.name for f in dataclasses.fields(cls)]}.")
+        return cls(**spec)
+
+
+# `ursa train`'s augmentation when none is given: random crops of 35-100% of the area, left-right flips and
+# colour jitter on every image (the feature cache's views of every run before the knobs existed).
+DEFAULT_AUG = Augment(max_rotate=0.0, max_zoom=1.0, max_warp=0.0, p_lighting=1.0, min_scale=0.35, saturation=0.2)
+# --aug presets: the default above, fastai's aug_transforms() defaults, and none (resize and crop only)
+AUG_PRESETS = {
+    "default": DEFAULT_AUG,
+    "lesson": Augment(),
+    "none": Augment(do_flip=False, max_rotate=0.0, max_zoom=1.0, max_lighting=0.0, max_warp=0.0),
+}
+
+
+def _augment(cfg: Any, value: Any) -> Augment:
+    """DataConfig.aug as an Augment: given as one, as a preset name, or as a spec dict (config.json)."""
+    if isinstance(value, Augment):
+        return value
+    if isinstance(value, str) and value in AUG_PRESETS:
+        return AUG_PRESETS[value]
+    if isinstance(value, dict):
+        return Augment.from_spec(value)
+    allowed = f"an Augment (ursa.aug_transforms(...)), one of {', '.join(map(repr, AUG_PRESETS))} or a dict of Augment's fields"
+    raise DataError(_message(_label(cfg, "aug", "--aug"), allowed, value, ""))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How a dataset is read and split."""
 
@@ -132,6 +205,7 @@ class DataConfig:
     seed: int = 42  # seeds the split, the augmentations and the training
     flip: bool = True  # horizontal flips in augmentation (turn off for digits, text, left/right classes)
     allow_new_labels: bool = False  # accept CSV labels that are not class folders under the root
+    aug: Augment = DEFAULT_AUG  # training augmentation (also a preset name or a spec dict); it flips only when `flip` allows
 
     def __post_init__(self) -> None:
         for name in ("train", "valid", "labels"):
@@ -140,6 +214,11 @@ class DataConfig:
         _number(self, DataError, "seed", "--seed", integer=True, at_least=0, at_most=MAX_SEED)
         _flag(self, DataError, "flip", "--flip/--no-flip")
         _flag(self, DataError, "allow_new_labels", "--allow-new-labels")
+        aug = _augment(self, self.aug)
+        # flips (and with them the mirrored view and test-time augmentation) only when both say so
+        flip = self.flip and aug.do_flip
+        object.__setattr__(self, "flip", flip)
+        object.__setattr__(self, "aug", aug if aug.do_flip == flip else dataclasses.replace(aug, do_flip=flip))
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,13 @@ backbone into the layer groups that discriminative learning rates address.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -160,6 +163,36 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(sd)
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _timm_weights_reachable(model: nn.Module, *, timeout_s: float = 3.0) -> bool:
+    """Whether timm can get `model`'s pretrained weights: already in the local Hugging Face or torch hub
+    cache, or the download host answers within `timeout_s` (never when HF_HUB_OFFLINE is set). Offline,
+    timm's own download retries for about a minute before failing; this answers in seconds."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url") or ""
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(hub_id.split("@")[0], n), str) for n in names if n):
+            return True
+    if url and (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file():
+        return True
+    if _offline():
+        return False
+    host = "huggingface.co" if hub_id else urlparse(url).hostname
+    if not host:
+        return True  # nothing to probe: let timm say what is missing
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def create_backbone(arch: str = "efficientnet_lite0", *, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
     """Build `arch` without a classifier and load its pretrained weights.
 
@@ -186,12 +219,16 @@ def create_backbone(arch: str = "efficientnet_lite0", *, weights: str | Path | N
         source = f"{spec.module} ({path.name})"
     elif pretrained:
         try:
+            if not _timm_weights_reachable(model):
+                raise ConnectionError("not cached and the download host cannot be reached")
             model = timm.create_model(timm_name, pretrained=True, num_classes=0)
         except Exception as exc:  # timm raises many kinds (network, hub, missing config)
             raise ModelError(
                 f"no pretrained weights for {arch!r} on this machine and timm could not download them "
-                f"({type(exc).__name__}). Pass --weights FILE (a .safetensors or .pth state dict), or use one of "
-                f"the packaged backbones: {sorted(ARCHS)}."
+                f"({type(exc).__name__}). Use one of the packaged backbones, whose weights come installed: "
+                f"{', '.join(sorted(ARCHS))} (e.g. vision_learner(dls, 'efficientnet_lite0')); or give {arch}'s "
+                f"weights file (a .safetensors or .pth state dict): weights='{arch}.safetensors' in Python, "
+                f"--weights FILE on the command line."
             ) from None
         source = "timm pretrained download"
     cfg = timm.data.resolve_model_data_config(model)

@@ -76,7 +76,7 @@ class FileResult:
     """What happened to one file. `file` is relative to the root; `new_file` is set when a repair renamed it."""
 
     file: str
-    status: str  # "ok", "repaired", "quarantined" or "skipped" (left as it is: see the module docstring)
+    status: str  # "ok", "repaired", "quarantined", "skipped" (left as it is: see the module docstring), or "unreadable" (a report-only run: left in place)
     changes: list[str] = field(default_factory=list)  # repairs made, or the reason for quarantine or skipping
     sha256: str = ""  # of the bytes as found
     new_file: str | None = None
@@ -121,10 +121,10 @@ class VerifyReport:
         return sum(any(c.startswith("shrunk") for c in r.changes) for r in self.results)
 
     def by_label(self) -> dict[str, dict[str, int]]:
-        """Per class folder: files, ok, repaired, shrunk, quarantined, skipped, duplicates (its files that have an exact copy)."""
+        """Per class folder: files, ok, repaired, shrunk, quarantined, unreadable, skipped, duplicates (its files that have an exact copy)."""
         table: dict[str, dict[str, int]] = {}
         for r in self.results:
-            row = table.setdefault(r.label, dict.fromkeys(("files", "ok", "repaired", "shrunk", "quarantined", "skipped", "duplicates"), 0))
+            row = table.setdefault(r.label, dict.fromkeys(("files", "ok", "repaired", "shrunk", "quarantined", "unreadable", "skipped", "duplicates"), 0))
             row["files"] += 1
             row[r.status] += 1
             row["shrunk"] += any(c.startswith("shrunk") for c in r.changes)
@@ -307,8 +307,9 @@ Identity = tuple[str, str]  # (sha256 of the bytes, hash of the upright pixels) 
 
 
 class _Verifier:
-    def __init__(self, root: Path, cfg: VerifyConfig) -> None:
+    def __init__(self, root: Path, cfg: VerifyConfig, *, report_only: bool = False) -> None:
         self.root = root
+        self.report_only = report_only  # move, rewrite and journal nothing
         self.root_abs = root.resolve()
         self.cfg = cfg
         self.manifest = Manifest.load(root) if (root / META_DIR / "manifest.csv").exists() else None
@@ -336,6 +337,8 @@ class _Verifier:
         except _Unreadable as exc:
             if kind == "link":  # never moved: the file it points to is quarantined by its own path
                 return FileResult(rel, "skipped", [f"{reason}; not an image: {exc}"], sha), None
+            if self.report_only:
+                return FileResult(rel, "unreadable", [str(exc)], sha), None
             self.quarantine(path, rel, str(exc))
             return FileResult(rel, "quarantined", [str(exc)], sha), None
         with img:
@@ -346,8 +349,8 @@ class _Verifier:
                 return FileResult(rel, "skipped", [reason], sha), identity
             fixed, shrunk = _shrink(upright, self.cfg.max_size)
             changes = notes + fixes + shrunk
-            if not changes or not self.cfg.repair:
-                return FileResult(rel, "ok", changes if not self.cfg.repair else [], sha), identity
+            if not changes or not self.cfg.repair or self.report_only:
+                return FileResult(rel, "ok", changes, sha), identity  # with no repair: the repairs it needs
             new_rel = self.rewrite(path, rel, data, fixed, fmt, changes, pixels)
         return FileResult(rel, "repaired", changes, sha, new_rel if new_rel != rel else None), identity
 
@@ -450,12 +453,18 @@ def verify_folder(
     *,
     config: VerifyConfig = VerifyConfig(),
     on_progress: Callable[[int, int], None] | None = None,
+    subfolder: str | None = None,
+    report_only: bool = False,
 ) -> VerifyReport:
     """Check every image under `root` (see the module docstring) and return what was done.
 
-    `on_progress(done, total)` is called after each file. Raises `VerifyError` when `root` is not a folder
-    or holds no files to check, when a download or another verify is changing the folder right now (its
-    lock), or when the quarantine or a repaired file cannot be written.
+    `on_progress(done, total)` is called after each file. `subfolder` (a folder under `root`, such as one
+    class folder) checks only the files there, still with the root's quarantine, journal, manifest and
+    lock. `report_only` decodes and reports but moves, rewrites and journals nothing: an unreadable file
+    gets the status "unreadable" and stays where it is, and a file that needs a repair is "ok" with the
+    repairs it needs. Raises `VerifyError` when `root` (or `subfolder`) is not a folder or holds no files
+    to check, when a download or another verify is changing the folder right now (its lock), or when the
+    quarantine or a repaired file cannot be written.
     """
     root = Path(root)
     if not root.is_dir():
@@ -463,20 +472,26 @@ def verify_folder(
         raise VerifyError(f"{str(root)!r} {what}. Give the dataset folder, e.g. ursa verify data/bears.")
     if config.max_size is not None and config.max_size < 16:
         raise VerifyError(f"--max-size {config.max_size} is too small; give the longest side in pixels, e.g. 500.")
-    if not find_files(root):
-        raise VerifyError(f"No files to check under {str(root)!r}. Download images first (ursa download / ursa search).")
+    where = root
+    if subfolder is not None:
+        where = root / subfolder
+        parts = Path(subfolder).parts
+        if not parts or Path(subfolder).is_absolute() or any(part.startswith(".") for part in parts) or where.is_symlink() or not where.is_dir():
+            raise VerifyError(f"{str(subfolder)!r} is not a folder under {str(root)!r}. Give a class folder's name, e.g. 'grizzly'.")
+    if not find_files(where):
+        raise VerifyError(f"No files to check under {str(where)!r}. Download images first (ursa download / ursa search).")
     try:
         (root / META_DIR).mkdir(exist_ok=True)
     except OSError as exc:
         raise VerifyError(f"Cannot create {str(root / META_DIR)!r}: {exc.strerror or exc}. verify moves and rewrites files under "
                           f"{str(root)!r}; run it as a user who can write there.") from exc  # fmt: skip
     with dataset_lock(root, "verify", error=VerifyError):
-        return _verify(root, config, on_progress)
+        return _verify(root, where, config, on_progress, report_only=report_only)
 
 
-def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[int, int], None] | None) -> VerifyReport:
-    files = find_files(root)  # again, now that no download can be adding files
-    verifier = _Verifier(root, config)
+def _verify(root: Path, where: Path, config: VerifyConfig, on_progress: Callable[[int, int], None] | None, *, report_only: bool) -> VerifyReport:
+    files = find_files(where)  # again, now that no download can be adding files
+    verifier = _Verifier(root, config, report_only=report_only)
     report = VerifyReport(root=root, journal=journal_path(root))
     by_pixels: dict[str, list[tuple[str, str]]] = {}
     try:

@@ -8,12 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ursa.config import CollectConfig, DataConfig, TrainConfig, VerifyConfig, check_number
+from ursa.config import AUG_PRESETS, Augment, CollectConfig, DataConfig, TrainConfig, VerifyConfig, check_number
 
 __all__ = [
     "console", "err_console", "ARGV", "DATA", "TRAIN", "COLLECT", "VERIFY",
     "DataArg", "TrainOpt", "ValidOpt", "LabelsOpt", "ValidPctOpt", "SeedOpt", "FlipOpt", "ArchOpt", "WeightsOpt", "AllowNewOpt",
     "RunArg", "ModelArg", "Int8Opt", "BackendOpt", "data_config", "check_out_file", "check_server",
+    "AugOpt", "MaxRotateOpt", "MaxZoomOpt", "MaxLightingOpt", "MaxWarpOpt", "PAffineOpt", "PLightingOpt", "MinScaleOpt", "FlipVertOpt", "augment",
 ]  # fmt: skip
 
 console = Console()
@@ -37,6 +38,18 @@ ArchOpt = Annotated[str, typer.Option("--arch", help="Backbone: efficientnet_lit
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Weights file (.safetensors or .pth state dict) for --arch.")]
 AllowNewOpt = Annotated[bool, typer.Option("--allow-new-labels", help="Accept CSV labels that are not class folders.")]
 
+# ---- augmentation (train, lr-find, show-batch): a preset, and fastai's aug_transforms settings changing it ----
+_PRESET = "the --aug preset's"
+AugOpt = Annotated[str, typer.Option("--aug", help="Augmentation preset: default (random crops of 35-100% of the area, flips, colour jitter), lesson (fastai's aug_transforms(): flips, rotate 10, zoom 1.1, warp 0.2, lighting 0.2) or none. The options below change one setting of it.")]
+MaxRotateOpt = Annotated[Optional[float], typer.Option("--max-rotate", help="Largest rotation in degrees (0: none).", show_default=_PRESET)]
+MaxZoomOpt = Annotated[Optional[float], typer.Option("--max-zoom", help="Largest zoom-in factor (1: none).", show_default=_PRESET)]
+MaxLightingOpt = Annotated[Optional[float], typer.Option("--max-lighting", help="Largest brightness and contrast change, a share (0: none).", show_default=_PRESET)]
+MaxWarpOpt = Annotated[Optional[float], typer.Option("--max-warp", help="Largest perspective warp, a share of half the side (0: none).", show_default=_PRESET)]
+PAffineOpt = Annotated[Optional[float], typer.Option("--p-affine", help="Probability of each of rotate, zoom and warp.", show_default=_PRESET)]
+PLightingOpt = Annotated[Optional[float], typer.Option("--p-lighting", help="Probability of the lighting change.", show_default=_PRESET)]
+MinScaleOpt = Annotated[Optional[float], typer.Option("--min-scale", help="Smallest share of the image's area a random crop keeps (1: the whole image).", show_default=_PRESET)]
+FlipVertOpt = Annotated[bool, typer.Option("--flip-vert", help="With flips: also vertical flips and quarter turns (for pictures with no up, such as satellite images).")]
+
 # ---- interpret / issues ----
 RunArg = Annotated[Path, typer.Argument(help="Run folder written by `ursa train` (e.g. runs/bears).", show_default=False)]
 
@@ -46,9 +59,25 @@ Int8Opt = Annotated[bool, typer.Option("--int8", help="Use model.int8.onnx (an e
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnx (ONNX Runtime), torch (PyTorch on the safetensors weights) or auto.")]
 
 
-def data_config(train: str | None, valid: str | None, labels: str | None, valid_pct: float, seed: int, flip: bool, allow_new_labels: bool = False) -> DataConfig:
-    """The DataConfig of the data options (checked by DataConfig itself)."""
-    return DataConfig(train=train, valid=valid, labels=labels, valid_pct=valid_pct, seed=seed, flip=flip, allow_new_labels=allow_new_labels)
+def data_config(train: str | None, valid: str | None, labels: str | None, valid_pct: float, seed: int, flip: bool, allow_new_labels: bool = False, aug: Augment | None = None) -> DataConfig:
+    """The DataConfig of the data options (checked by DataConfig itself); `aug` None: the default augmentation."""
+    extra = {} if aug is None else {"aug": aug}
+    return DataConfig(train=train, valid=valid, labels=labels, valid_pct=valid_pct, seed=seed, flip=flip, allow_new_labels=allow_new_labels, **extra)
+
+
+def augment(preset: str, *, flip_vert: bool = False, **settings: float | None) -> Augment:
+    """The Augment of the augmentation options: the `--aug` preset with each setting given replacing its own
+    (checked by Augment itself, naming the option)."""
+    import dataclasses
+
+    from ursa.errors import DataError
+
+    if preset not in AUG_PRESETS:
+        raise DataError(f"--aug must be one of {', '.join(map(repr, AUG_PRESETS))}, got {preset!r}.")
+    changes: dict[str, object] = {k: v for k, v in settings.items() if v is not None}
+    if flip_vert:
+        changes["flip_vert"] = True
+    return dataclasses.replace(AUG_PRESETS[preset], **changes) if changes else AUG_PRESETS[preset]
 
 
 def check_out_file(out: Path, suffix: str = ".png") -> Path:

@@ -9,7 +9,8 @@ import typer
 
 from ursa.cli._common import (
     DATA, TRAIN, AllowNewOpt, ArchOpt, DataArg, FlipOpt, LabelsOpt, SeedOpt, TrainOpt, ValidOpt, ValidPctOpt,
-    check_out_file, console, data_config,
+    AugOpt, FlipVertOpt, MaxLightingOpt, MaxRotateOpt, MaxWarpOpt, MaxZoomOpt, MinScaleOpt, PAffineOpt, PLightingOpt,
+    augment, check_out_file, console, data_config,
 )  # fmt: skip
 from ursa.config import TrainConfig, check_number
 
@@ -59,8 +60,17 @@ def show_batch(
     flip: FlipOpt = DATA.flip,
     arch: ArchOpt = TRAIN.arch,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels, as given to train (default: the backbone's own).")] = None,
+    aug: AugOpt = "default",
+    max_rotate: MaxRotateOpt = None,
+    max_zoom: MaxZoomOpt = None,
+    max_lighting: MaxLightingOpt = None,
+    max_warp: MaxWarpOpt = None,
+    p_affine: PAffineOpt = None,
+    p_lighting: PLightingOpt = None,
+    min_scale: MinScaleOpt = None,
+    flip_vert: FlipVertOpt = False,
 ) -> None:
-    """A grid of augmented training images with their labels."""
+    """A grid of augmented training images with their labels (the augmentation options are train's)."""
     from ursa.data.loaders import ImageDataLoaders, default_data_config
     from ursa.data.split import build_split
     from ursa.errors import DataError
@@ -68,8 +78,10 @@ def show_batch(
     check_out_file(out)
     check_number(n, "-n", DataError, integer=True, at_least=1)
     size = TrainConfig(arch=arch, size=size).size  # the sizes train accepts, checked by TrainConfig
-    split = build_split(data, data_config(train, valid, labels, valid_pct, seed, flip))
-    dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=flip, size=size)
+    augmentation = augment(aug, flip_vert=flip_vert, max_rotate=max_rotate, max_zoom=max_zoom, max_lighting=max_lighting, max_warp=max_warp, p_affine=p_affine, p_lighting=p_lighting, min_scale=min_scale)
+    data_cfg = data_config(train, valid, labels, valid_pct, seed, flip, aug=augmentation)
+    split = build_split(data, data_cfg)
+    dls = ImageDataLoaders.from_split(split, default_data_config(arch), flip=data_cfg.flip, size=size, aug=data_cfg.aug)
     from ursa.interpret.plots import show_batch as draw_batch
 
     draw_batch(dls, n, out=out)

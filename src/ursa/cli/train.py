@@ -10,7 +10,8 @@ import typer
 
 from ursa.cli._common import (
     ARGV, DATA, TRAIN, AllowNewOpt, ArchOpt, DataArg, FlipOpt, LabelsOpt, SeedOpt, TrainOpt, ValidOpt, ValidPctOpt, WeightsOpt,
-    check_out_file, console, data_config,
+    AugOpt, FlipVertOpt, MaxLightingOpt, MaxRotateOpt, MaxWarpOpt, MaxZoomOpt, MinScaleOpt, PAffineOpt, PLightingOpt,
+    augment, check_out_file, console, data_config,
 )  # fmt: skip
 from ursa.config import DataConfig, TrainConfig, check_number
 
@@ -29,15 +30,24 @@ def lr_find(
     arch: ArchOpt = TRAIN.arch,
     weights: WeightsOpt = None,
     size: Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the backbone's own).")] = None,
+    aug: AugOpt = "default",
+    max_rotate: MaxRotateOpt = None,
+    max_zoom: MaxZoomOpt = None,
+    max_lighting: MaxLightingOpt = None,
+    max_warp: MaxWarpOpt = None,
+    p_affine: PAffineOpt = None,
+    p_lighting: PLightingOpt = None,
+    min_scale: MinScaleOpt = None,
+    flip_vert: FlipVertOpt = False,
 ) -> None:
     """Sweep the learning rate of the head stage (on cached features) and suggest one."""
     from ursa.train.recipe import head_learner
 
     check_out_file(out)
-    learn = head_learner(data, data_config(train, valid, labels, valid_pct, seed, flip), TrainConfig(arch=arch, weights=str(weights) if weights else None, size=size))
-    res = learn.lr_find()
-    res.plot(out)
-    s = res.suggestion
+    augmentation = augment(aug, flip_vert=flip_vert, max_rotate=max_rotate, max_zoom=max_zoom, max_lighting=max_lighting, max_warp=max_warp, p_affine=p_affine, p_lighting=p_lighting, min_scale=min_scale)
+    learn = head_learner(data, data_config(train, valid, labels, valid_pct, seed, flip, aug=augmentation), TrainConfig(arch=arch, weights=str(weights) if weights else None, size=size))
+    s = learn.lr_find()
+    learn.recorder.plot_lr_find(out)
     console.print(f"suggested learning rate: [bold]{s.valley:.2e}[/] (valley); steep {s.steep:.2e}, minimum/10 {s.minimum:.2e}")
     console.print(f"wrote {out}.  Use it with: ursa train {data} --lr {s.valley:.1e}")
 
@@ -67,12 +77,22 @@ def train_cmd(
     nproc: Annotated[int, typer.Option("--nproc", help="Processes: N > 1 starts torchrun with N ranks (DDP; gloo on CPU, NCCL on GPU).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")] = TRAIN.device,
     precision: Annotated[str, typer.Option("--precision", help="Fine-tuning precision: auto, fp32, bf16 or fp16 (GPU); auto is bf16/fp16 on a GPU by its capability, fp32 on every CPU.")] = TRAIN.precision,
+    aug: AugOpt = "default",
+    max_rotate: MaxRotateOpt = None,
+    max_zoom: MaxZoomOpt = None,
+    max_lighting: MaxLightingOpt = None,
+    max_warp: MaxWarpOpt = None,
+    p_affine: PAffineOpt = None,
+    p_lighting: PLightingOpt = None,
+    min_scale: MinScaleOpt = None,
+    flip_vert: FlipVertOpt = False,
 ) -> None:
     """Train a classifier with the CPU-fast default recipe and write the run folder."""
     from ursa.train.recipe import train_run
 
     head = "one_cycle" if head == "one-cycle" or (lr is not None and head == "lbfgs") else head  # --lr implies one_cycle
-    data_cfg = data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels)  # checked before torchrun starts
+    augmentation = augment(aug, flip_vert=flip_vert, max_rotate=max_rotate, max_zoom=max_zoom, max_lighting=max_lighting, max_warp=max_warp, p_affine=p_affine, p_lighting=p_lighting, min_scale=min_scale)
+    data_cfg = data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels, aug=augmentation)  # checked before torchrun starts
     cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
     cfg = _scale_out(cfg, nproc=nproc, device=device, precision=precision)
     if cfg is None:

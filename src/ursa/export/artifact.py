@@ -93,9 +93,9 @@ def read_export(folder: str | os.PathLike[str], *, files: Sequence[str] | None =
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not folder.is_dir():
-        raise ExportError(f"model folder {folder} does not exist. Create it with: ursa export runs/NAME --out {folder}")
+        raise ExportError(f"model folder {folder} does not exist. Create it with: ursa export runs/NAME --out {folder} (or learn.export({str(folder)!r}) in Python)")
     if not meta_path.is_file():
-        raise ExportError(f"{folder} has no {META_FILE}, so it is not an Ursa export folder. Create one with: ursa export runs/NAME --out {folder}")
+        raise ExportError(f"{folder} has no {META_FILE}, so it is not an Ursa export folder. Pass the folder an export wrote, or create one with: ursa export runs/NAME --out {folder} (or learn.export({str(folder)!r}) in Python)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -160,9 +160,10 @@ _RESIZE_STEPS = {
 }
 
 
-def metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, Any], classes: list[str], data_config: dict[str, Any], size: int, opset: int, open_set: dict[str, Any], int8_info: dict[str, Any] | None, *, tolerance: float) -> dict[str, Any]:
-    """model.json's content for the run `run` exported to `out`, without the file hashes and
-    `content_sha256` (added last, once the files exist). `tolerance` is the ONNX parity limit checked."""
+def metadata(source: dict[str, Any], out: Path, config: dict[str, Any], metrics: dict[str, Any], classes: list[str], data_config: dict[str, Any], size: int, opset: int, open_set: dict[str, Any], int8_info: dict[str, Any] | None, *, tolerance: float) -> dict[str, Any]:
+    """model.json's content for a model exported to `out`, without the file hashes and `content_sha256`
+    (added last, once the files exist). `source` says where it came from (the run folder, or the learner's
+    folder, and the dataset); `tolerance` is the ONNX parity limit checked."""
     keep = ("error_rate", "accuracy", "valid_loss", "n_train", "n_valid", "tta", "final_stage")
     mode = eval_crop_mode(data_config)
     return {
@@ -187,7 +188,7 @@ def metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, An
         "int8": int8_info,
         "metrics": {"training": {k: metrics[k] for k in keep if k in metrics}},
         "versions": {**versions(), "trained_with_torch": config.get("torch")},
-        "source": {"run": str(run.resolve()), "dataset": config.get("root")},
+        "source": source,
     }
 
 
@@ -196,20 +197,22 @@ def metadata(run: Path, out: Path, config: dict[str, Any], metrics: dict[str, An
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_out(out: Path) -> None:
-    """Refuse an `out` that exists and is not an empty folder: an export never overwrites files."""
+def check_out(out: Path, *, retry: str = "--out {}") -> None:
+    """Refuse an `out` that exists and is not an empty folder: an export never overwrites files.
+
+    `retry` is how the message suggests a free folder: "--out {}" for the CLI, "learn.export('{}')" in Python."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         free = out.with_name(out.name + "-2")
         i = 2
         while free.exists():
             i += 1
             free = out.with_name(f"{out.name}-{i}")
-        raise ExportError(f"{out} already exists and is not empty; an export never overwrites files. Pass a new folder, e.g. --out {free}, or remove {out} first.")
+        raise ExportError(f"{out} already exists and is not empty; an export never overwrites files. Pass a new folder, e.g. {retry.format(free)}, or remove {out} first.")
 
 
-def write_folder(out: Path, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+def write_folder(out: Path, files: dict[str, bytes], meta: dict[str, Any], *, retry: str = "--out {}") -> None:
     """Write `files` and model.json under a temporary name beside `out`, then rename it to `out`:
-    an interrupted export leaves nothing behind, and a finished one appears whole."""
+    an interrupted export leaves nothing behind, and a finished one appears whole. (`retry`: see `check_out`.)"""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -217,7 +220,7 @@ def write_folder(out: Path, files: dict[str, bytes], meta: dict[str, Any]) -> No
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check_out(out)  # again: someone may have written there while we worked
+        check_out(out, retry=retry)  # again: someone may have written there while we worked
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -245,12 +245,12 @@ class Predictor:
     # -- images --
     def load(self, img: Any) -> np.ndarray:
         """Decode (path, bytes or PIL image) and preprocess: -> (1, 3, S, S) float32."""
-        return preprocess(decode_image(img, min_side=self._min_side, max_pixels=self.max_pixels), self.data_config, pool=self._pool)
+        return preprocess(decode_image(_image_source(img), min_side=self._min_side, max_pixels=self.max_pixels), self.data_config, pool=self._pool)
 
     def predict_image(self, img: Any, *, top_k: int = 3) -> Prediction:
         """Decode, preprocess, run and interpret one image; times each step in milliseconds."""
         t0 = time.perf_counter()
-        im = decode_image(img, min_side=self._min_side, max_pixels=self.max_pixels)
+        im = decode_image(_image_source(img), min_side=self._min_side, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
         x = preprocess(im, self.data_config, pool=self._pool)
         t2 = time.perf_counter()
@@ -277,10 +277,19 @@ class Predictor:
         )
 
     def predict(self, img: Any) -> tuple[str, int, np.ndarray]:
-        """(label, index, probs) for one image, as the lesson's `learn.predict`: `probs` is (n_classes,)
-        float32; label is NONE_OF_THESE and index -1 when under the open-set threshold."""
+        """(label, index, probs) for one image (a file path, the bytes of an image file or a PIL image), as
+        the lesson's `learn.predict`: `probs` is (n_classes,) float32; label is NONE_OF_THESE and index -1
+        when under the open-set threshold. A file that is not an image raises BadImageError."""
         pred = self.predict_image(img)
         return pred.label, pred.index, pred.probs
+
+
+def _image_source(img: Any) -> Any:
+    """`img` when it is something an image is decoded from (a path, the bytes of an image file, a PIL
+    image); anything else raises BadImageError naming the three."""
+    if isinstance(img, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return img
+    raise BadImageError(f"predict takes an image: a file path, the bytes of an image file or a PIL image, not {type(img).__name__}. For an array, pass PIL.Image.fromarray(array).")
 
 
 def _has_onnxruntime() -> bool:

@@ -1,14 +1,18 @@
-"""`export_run`: turn a training run folder into a checked export folder.
+"""The export pipeline: turn a trained model into a checked export folder, from a run folder or a Learner.
 
-The steps, each in the module that owns it: rebuild the network (`ursa.export.predictor.build_torch`),
-convert it (`ursa.export.onnx`), compare the two on real validation images, calibrate the open-set
-threshold, quantize on request (`ursa.export.quantize`), and write the folder with its hashes
+Two front doors, one path: `export_run` reads a training run folder (config.json, the safetensors weights,
+split.json), `export_learner` takes a Learner in memory and its DataBunch; both gather the same
+`ExportSource` and hand it to `_export`, which does the rest. The steps, each in the module that owns it:
+rebuild the network from the weights (`ursa.export.predictor.build_torch`), convert it
+(`ursa.export.onnx`), compare the two on real validation images, calibrate the open-set threshold,
+quantize on request (`ursa.export.quantize`), and write the folder with its hashes
 (`ursa.export.artifact`). torch, onnx and the quantizer are imported inside the functions only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ from ursa.export.predictor import build_torch, ort_session, preprocess, softmax
 from ursa.export.quantize import quantize
 from ursa.imageio import decode_image, eval_min_side
 
-__all__ = ["ExportResult", "export_run"]
+__all__ = ["ExportResult", "ExportSource", "export_learner", "export_run"]
 
 
 @dataclass
@@ -38,6 +42,26 @@ class ExportResult:
     def max_abs_diff(self) -> float:
         """Largest |ONNX - PyTorch| logit difference on real validation images."""
         return float(self.meta["onnx"]["max_abs_diff_logits"])
+
+    def __repr__(self) -> str:  # one line in a notebook, not the whole of model.json
+        valid = self.meta.get("metrics", {}).get("export_valid", {})
+        return f"ExportResult({str(self.out)!r}, classes={len(self.meta.get('classes', []))}, valid_accuracy={valid.get('accuracy')}, max_abs_diff={self.max_abs_diff:.1e})"
+
+
+@dataclass
+class ExportSource:
+    """What an export is made from, however it was found: the weights of nn.Sequential(backbone, Head)
+    with what they were trained on, and the split whose validation images check the converted model."""
+
+    state: dict[str, Any]  # state dict of nn.Sequential(backbone, Head), on the CPU
+    timm_name: str
+    classes: list[str]
+    data_config: dict[str, Any]  # the model's preprocessing at the trained input size
+    split: Any  # ursa.data.split.Split: its root, train and valid items
+    config: dict[str, Any]  # arch, num_features, torch (the version trained with), root: recorded in model.json
+    metrics: dict[str, Any]  # training metrics recorded in model.json (error_rate, accuracy, valid_loss, ...)
+    source: dict[str, Any]  # model.json's "source": where the weights and the dataset came from
+    where: str  # names the weights in messages
 
 
 def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -58,17 +82,41 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]
     return config, metrics, state
 
 
-def _valid_images(run: Path, data_root: str | os.PathLike[str] | None, classes: list[str]) -> tuple[list[Path], list[int], list[Path], Path]:
+def _from_run(run: Path, data_root: str | os.PathLike[str] | None) -> ExportSource:
+    """The ExportSource of a training run folder; `data_root` overrides the dataset location in split.json."""
     from ursa.data.split import load_split
 
+    config, metrics, state = _read_run(run)
     split = load_split(run / "split.json", root=data_root)
     if not split.root.is_dir():
         raise ExportError(f"the dataset {split.root} this run was trained on is not there; the export checks the model on its validation images. Pass --data with the dataset folder's new location.")
-    if list(split.classes) != list(classes):
+    classes = list(config["classes"])
+    if list(split.classes) != classes:
         raise ExportError(f"split.json lists classes {split.classes}, config.json {classes}: the run folder is inconsistent. Train the run again.")
-    index = {c: i for i, c in enumerate(classes)}
-    valid = [split.root / it.name for it in split.valid]
-    return valid, [index[it.label] for it in split.valid], [split.root / it.name for it in split.train], split.root
+    return ExportSource(state, config["timm_name"], classes, dict(config["data_config"]), split, config, metrics,
+                        {"run": str(run.resolve()), "dataset": config.get("root")}, str(run / "models" / "model.safetensors"))  # fmt: skip
+
+
+def _from_learner(learn: Any) -> ExportSource:
+    """The ExportSource of an image Learner (made by `vision_learner`) and its DataBunch, in memory."""
+    import torch
+
+    bb, dls = getattr(learn, "backbone", None), getattr(learn, "dls", None)
+    if bb is None or dls is None or getattr(dls, "split", None) is None:
+        raise ExportError("only an image learner made by vision_learner(dls, arch) can be exported: the export needs its backbone and its DataBunch (for the validation images that check the converted model).")
+    classes, split = list(learn.classes), dls.split
+    if list(split.classes) != classes:
+        raise ExportError(f"the learner's classes {classes} are not its data's {split.classes}. Build the learner again from its DataBunch.")
+    if not Path(split.root).is_dir():
+        raise ExportError(f"the dataset {split.root} the learner was trained on is not there; the export checks the model on its validation images. Put the dataset back, or build the DataBunch from its new location.")
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in learn.model.state_dict().items()}
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(dls.data_config).items()}
+    last = dict(getattr(learn, "last_metrics", {}) or {})
+    metrics = {k: round(float(v), 6) for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)}  # after its last epoch
+    metrics.update(n_train=len(split.train), n_valid=len(split.valid))
+    config = {"arch": bb.arch, "timm_name": bb.timm_name, "num_features": int(bb.num_features), "torch": torch.__version__, "root": str(Path(split.root).resolve())}
+    return ExportSource(state, bb.timm_name, classes, data_config, split, config, metrics,
+                        {"run": None, "learner": str(Path(learn.path).resolve()), "dataset": config["root"]}, "the learner's model")  # fmt: skip
 
 
 def _batches(xs: list[np.ndarray], n: int) -> Iterable[np.ndarray]:
@@ -99,22 +147,58 @@ def export_run(
     The folder is written under a temporary name and renamed at the end: an interrupted export leaves
     nothing behind. `data_root` overrides the dataset location recorded in split.json.
     """
-    import torch
+    out = Path(out)
+    _check_request(out, open_set_quantile, retry="--out {}")
+    return _export(_from_run(Path(run), data_root), out, retry="--out {}", int8=int8, open_set_quantile=open_set_quantile,
+                   check_images=check_images, calibration_images=calibration_images, opset=opset, on_step=on_step)  # fmt: skip
 
-    run, out = Path(run), Path(out)
-    say = on_step or (lambda msg: None)
-    check_out(out)
+
+def export_learner(
+    learn: Any,
+    out: str | os.PathLike[str],
+    *,
+    int8: bool = False,
+    open_set_quantile: float = 0.05,
+    check_images: int = 32,
+    calibration_images: int = 64,
+    opset: int = 17,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export an image Learner (made by `vision_learner`) to `out`: the folder `export_run` writes, with the
+    same checks, from the Learner's weights and its DataBunch's split alone (no run folder).
+
+    The weights are copied to the CPU and the network rebuilt from them, exactly as a run's weights are,
+    so the learner itself is left as it was (its device, mode and frozen layers). The options are
+    `export_run`'s.
+    """
+    out = Path(out)
+    _check_request(out, open_set_quantile, retry="learn.export('{}')")
+    return _export(_from_learner(learn), out, retry="learn.export('{}')", int8=int8, open_set_quantile=open_set_quantile,
+                   check_images=check_images, calibration_images=calibration_images, opset=opset, on_step=on_step)  # fmt: skip
+
+
+def _check_request(out: Path, open_set_quantile: float, *, retry: str) -> None:
+    """The checks that need no model, made before any work: `out` is free, the quantile is in range."""
+    check_out(out, retry=retry)
     if not 0.0 <= open_set_quantile < 0.5:
         raise ExportError(f"the open-set quantile must be in [0, 0.5), got {open_set_quantile}. Use 0.05 to let about 95% of correct predictions through, 0 to keep every one.")
-    config, metrics, state = _read_run(run)
-    classes = list(config["classes"])
-    data_config = dict(config["data_config"])
-    size = int(data_config["input_size"][-1])
-    model = build_torch(config["timm_name"], state, where=str(run / "models" / "model.safetensors"))
-    if model[1].fc.out_features != len(classes):
-        raise ExportError(f"the weights have {model[1].fc.out_features} outputs but config.json lists {len(classes)} classes. Train the run again.")
 
-    valid_paths, valid_y, train_paths, root = _valid_images(run, data_root, classes)
+
+def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_quantile: float, check_images: int, calibration_images: int, opset: int, on_step: Callable[[str], None] | None) -> ExportResult:
+    """The one export path, for an ExportSource however it was found (see `export_run` for the steps)."""
+    import torch
+
+    say = on_step or (lambda msg: None)
+    classes, data_config = src.classes, src.data_config
+    size = int(data_config["input_size"][-1])
+    model = build_torch(src.timm_name, src.state, where=src.where)
+    if model[1].fc.out_features != len(classes):
+        raise ExportError(f"the weights have {model[1].fc.out_features} outputs but {len(classes)} classes are listed. Train the model again.")
+
+    root = Path(src.split.root)
+    index = {c: i for i, c in enumerate(classes)}
+    valid_paths, valid_y = [root / it.name for it in src.split.valid], [index[it.label] for it in src.split.valid]
+    train_paths = [root / it.name for it in src.split.train]
     say(f"reading {len(valid_paths)} validation images from {root}")
     xs, ys, skipped = [], [], []
     min_side = eval_min_side(data_config, size=size)
@@ -125,7 +209,7 @@ def export_run(
         except BadImageError as exc:
             skipped.append(f"{p.name}: {exc}")
     if not xs:
-        raise ExportError(f"none of the {len(valid_paths)} validation images under {root} could be read; the export needs them to check the model. Pass --data with the dataset folder.")
+        raise ExportError(f"none of the {len(valid_paths)} validation images under {root} could be read; the export needs them to check the model. Put the dataset back (for a run folder, pass --data with its new location).")
 
     say("converting to ONNX")
     onnx_bytes = to_onnx(model, size, classes, opset=opset)
@@ -179,19 +263,19 @@ def export_run(
         }
         say(f"int8 validation accuracy {acc8:.4f} vs fp32 {acc:.4f} (change {acc8 - acc:+.4f})")
 
-    meta = metadata(run, out, config, metrics, classes, data_config, size, opset, open_set, int8_info, tolerance=ONNX_TOLERANCE)
+    meta = metadata(src.source, out, src.config, src.metrics, classes, data_config, size, opset, open_set, int8_info, tolerance=ONNX_TOLERANCE)
     meta["onnx"].update({"max_abs_diff_logits": diff_logits, "max_abs_diff_probs": diff_probs, "checked_images": int(len(x_check))})
     meta["metrics"]["export_valid"] = {"accuracy": round(acc, 4), "error_rate": round(1 - acc, 4), "n": int(len(y)), "n_unreadable": len(skipped), "views": "single (no test-time augmentation)"}
     from safetensors.torch import save
 
     files = {
-        WEIGHTS_FILE: save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, metadata={"format": FORMAT, "classes": json.dumps(classes), "timm_name": config["timm_name"]}),
+        WEIGHTS_FILE: save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, metadata={"format": FORMAT, "classes": json.dumps(classes), "timm_name": src.timm_name}),
         ONNX_FILE: onnx_bytes,
     }
     if int8_bytes is not None:
         files[INT8_FILE] = int8_bytes
     meta["files"] = {name: {"sha256": sha256(b), "bytes": len(b)} for name, b in files.items()}
     meta["content_sha256"] = content_sha256(meta)  # last: it covers everything above, the file hashes included
-    write_folder(out, files, meta)
+    write_folder(out, files, meta, retry=retry)
     say(f"wrote {out} (content_sha256 {meta['content_sha256']}: it covers model.json and every file)")
     return ExportResult(out, meta)

@@ -1,8 +1,10 @@
 """What the model gets wrong on the validation set: confusion matrix, most confused pairs, top losses, per-class metrics.
 
 `ClassificationInterpretation.from_run("runs/bears")` reads the run's `predictions.csv` (validation
-probabilities written by `ursa train`), so it needs no model and no backbone pass. The plotting methods
-return matplotlib Figures (shown inline in Jupyter) and also write PNGs when given `out`.
+probabilities written by `ursa train`), so it needs no model and no backbone pass;
+`ClassificationInterpretation.from_learner(learn)` takes a Learner's predictions on its validation set,
+with the image files behind them. The plotting methods return matplotlib Figures (shown inline in
+Jupyter) and also write PNGs when given `out`.
 """
 
 from __future__ import annotations
@@ -84,9 +86,16 @@ class ClassificationInterpretation:
 
     @classmethod
     def from_learner(cls, learn: Any, dl: Any = None) -> "ClassificationInterpretation":
-        """From a `Learner`'s predictions on `dl` (default: its validation set); no image names."""
+        """From a `Learner`'s predictions on `dl` (default: its validation set).
+
+        For an image learner's validation set (made by `vision_learner`) the image files are known, so
+        `plot_top_losses` works: the validation items of its DataBunch's split, in loader order, less the
+        files that failed to decode (the loader drops them from their batch). Other loaders give no names.
+        """
         probs, y = learn.get_preds(dl)
-        return cls(probs.numpy(), y.numpy(), learn.classes)
+        probs, y = probs.float().numpy(), y.numpy()
+        names, root = (None, None) if dl is not None else _valid_files(learn, y)
+        return cls(probs, y, learn.classes, names=names, root=root)
 
     # ---- numbers ----------------------------------------------------------------------------------
     @property
@@ -120,21 +129,26 @@ class ClassificationInterpretation:
         return [ClassMetrics(c, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, c in enumerate(self.classes)]
 
     # ---- plots ------------------------------------------------------------------------------------
-    def plot_confusion_matrix(self, *, normalize: bool = False, out: str | Path | None = None) -> Any:
-        """The confusion matrix as a Figure (rows actual, columns predicted); written to `out` when given."""
+    def plot_confusion_matrix(self, *, normalize: bool = False, figsize: tuple[float, float] | None = None, out: str | Path | None = None) -> Any:
+        """The confusion matrix as a Figure (rows actual, columns predicted); written to `out` when given.
+        `figsize` is (width, height) in inches (default: grows with the number of classes)."""
         from ursa.interpret.plots import plot_confusion
 
-        return plot_confusion(self.confusion_matrix(), self.classes, normalize=normalize, title=f"Confusion matrix (error rate {self.error_rate:.1%})", out=out)
+        figsize = _figsize(figsize)
+        return plot_confusion(self.confusion_matrix(), self.classes, normalize=normalize, title=f"Confusion matrix (error rate {self.error_rate:.1%})", figsize=figsize, out=out)
 
-    def plot_top_losses(self, k: int = 9, *, out: str | Path | None = None, thumb: int = 192) -> Any:
+    def plot_top_losses(self, k: int = 9, *, figsize: tuple[float, float] | None = None, out: str | Path | None = None, thumb: int = 192) -> Any:
         """The `k` validation images the model is most wrong about, titled `predicted/actual / loss / p(actual)`.
 
-        Wrong predictions are titled in red. Needs the image files (`names` under `root`).
+        Wrong predictions are titled in red. Needs the image files (`names` under `root`): an
+        interpretation made by `from_run` or by `from_learner` on the validation set has them.
+        `figsize` is (width, height) in inches (default: 2.4 x 2.6 per image).
         """
         from ursa.interpret.plots import image_grid
 
+        figsize = _figsize(figsize)
         if self.names is None or self.root is None:
-            raise InterpretError("plot_top_losses needs the image files; build the interpretation with from_run(run_dir).")
+            raise InterpretError("plot_top_losses needs the image files; build the interpretation with from_run(run_dir), or with from_learner(learn) on its validation set.")
         losses, idx = self.top_losses(k)
         images, titles, colors = [], [], []
         for loss, i in zip(losses.tolist(), idx.tolist()):
@@ -148,4 +162,30 @@ class ClassificationInterpretation:
             t, p = self.targets[i], self.preds[i]
             titles.append(f"{self.classes[p]}/{self.classes[t]}\n{loss:.2f} / {self.probs[i, t]:.2f}")
             colors.append("black" if p == t else "tab:red")
-        return image_grid(images, titles, title_colors=colors, suptitle="predicted/actual / loss / probability of actual", out=out)
+        return image_grid(images, titles, title_colors=colors, suptitle="predicted/actual / loss / probability of actual", figsize=figsize, out=out)
+
+
+def _figsize(figsize: Any) -> tuple[float, float] | None:
+    """A checked (width, height) in inches, or None; checked before a figure is made."""
+    if figsize is None:
+        return None
+    ok = isinstance(figsize, (tuple, list)) and len(figsize) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100 for v in figsize)
+    if not ok:
+        raise InterpretError(f"figsize must be (width, height) in inches, each in (0, 100], e.g. (12, 12); got {figsize!r}.")
+    return float(figsize[0]), float(figsize[1])
+
+
+def _valid_files(learn: Any, y: np.ndarray) -> tuple[list[str] | None, Path | None]:
+    """(names under the root, root) of the images behind `learn.get_preds()` on its validation set, in order;
+    (None, None) when the learner has no image split or the predictions do not line up with its items."""
+    dls = getattr(learn, "dls", None)
+    split = getattr(dls, "split", None)
+    dataset = getattr(getattr(dls, "valid", None), "dataset", None)
+    if split is None:
+        return None, None
+    failed = getattr(dataset, "failed", {}) or {}
+    items = [it for it in split.valid if it.name not in failed]
+    index = {c: i for i, c in enumerate(learn.classes)}
+    if len(items) != len(y) or any(index.get(it.label) != int(t) for it, t in zip(items, y)):
+        return None, None  # predictions not in the split's order: no names rather than wrong ones
+    return [it.name for it in items], Path(split.root)

@@ -35,6 +35,7 @@ from ursa._io import atomic_write_bytes, atomic_write_json, sha256_file
 from ursa.errors import InterpretError
 
 __all__ = [
+    "KIND_TITLES",
     "KINDS",
     "ISSUE_COLUMNS",
     "Issue",
@@ -53,6 +54,18 @@ __all__ = [
 # Kinds of finding, in the order the review page shows them.
 KINDS = ("label", "duplicate", "leak", "outlier", "dark", "bright", "blurry", "tiny", "unreadable")
 ISSUE_COLUMNS = ("kind", "name", "label", "split", "suggested", "confidence", "score", "group", "detail")
+# What each kind is, for a person: a title and a line of help (the review page and the notebook cleaner).
+KIND_TITLES = {
+    "label": ("Likely label errors", "The model, never trained on these images, is confident they belong to another class."),
+    "duplicate": ("Duplicates", "The same picture more than once (exact or near copies); keep one."),
+    "leak": ("Train/valid leaks", "Copies on both sides of the split make the validation score look better than it is."),
+    "outlier": ("Outliers", "Far from every other image: maybe not a picture of any class."),
+    "dark": ("Very dark", ""),
+    "bright": ("Very bright", ""),
+    "blurry": ("Blurry or flat", ""),
+    "tiny": ("Tiny", "Too few pixels to learn from."),
+    "unreadable": ("Unreadable", "The file could not be opened to measure its pixels: it may have changed or gone since training."),
+}
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,8 @@ def out_of_sample_probs(
         raise InterpretError(f"{n} images are too few for a {folds}-fold search; it needs at least {2 * max(2, folds)}. Add images.")
     grp = np.asarray(groups if groups is not None else np.arange(n))
     _, grp_ids = np.unique(grp, return_inverse=True)
+    if grp_ids.max(initial=-1) + 1 < k:  # copies of one picture stay in one fold: a fold per group at least
+        raise InterpretError(f"the {n} images are only {grp_ids.max() + 1} distinct pictures (copies count once), too few for a {k}-fold search. Add images.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes smaller than k: some folds hold none of them, which is fine
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -1,12 +1,15 @@
 """Every plot Ursa draws. The only module that imports matplotlib.
 
-Each function returns the Figure (Jupyter shows it inline) and, given `out`, also writes a PNG and
-closes the figure so long runs do not pile figures up in memory.
+Each function returns the Figure and, given `out`, also writes a PNG and closes the figure so long
+runs do not pile figures up in memory. In a Jupyter notebook (the inline backend) a plot is shown the
+moment it is drawn, once, and None is returned, as fastai's plots do: a returned Figure would be shown
+a second time as the cell's value, and several plots in one cell would pile up at its end.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,14 +23,26 @@ import numpy as np  # noqa: E402
 __all__ = ["plot_losses", "plot_lr_find", "image_grid", "show_batch", "finish", "plot_confusion"]
 
 
+def _inline() -> bool:
+    """True inside a Jupyter kernel drawing with the inline backend."""
+    return "ipykernel" in sys.modules and "inline" in matplotlib.get_backend().lower()
+
+
 def finish(fig: Any, out: str | Path | None) -> Any:
-    """Save `fig` to `out` (PNG, atomic) and close it; return the figure."""
+    """Save `fig` to `out` (PNG, atomic) and close it; return the figure (None in a notebook: shown now)."""
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp.png")
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
         tmp.replace(out)
+    if _inline():
+        from IPython.display import display
+
+        display(fig)
+        plt.close(fig)
+        return None
+    if out is not None:
         plt.close(fig)
     return fig
 
@@ -107,8 +122,12 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: Any,
     return finish(fig, out)
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: int | None = None, suptitle: str | None = None, title_colors: Sequence[str] | None = None, out: str | Path | None = None) -> Any:
-    """Images (H, W, 3) in [0, 1] or uint8 in a grid, one title each."""
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: int | None = None, suptitle: str | None = None, title_colors: Sequence[str] | None = None, figsize: tuple[float, float] | None = None, out: str | Path | None = None) -> Any:
+    """Images (H, W, 3) in [0, 1] or uint8 in a grid, one title each; `figsize` inches (default 2.4 x 2.6 per image)."""
+    return finish(_grid(images, titles, ncols=ncols, suptitle=suptitle, title_colors=title_colors, figsize=figsize), out)
+
+
+def _grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: int | None, suptitle: str | None, title_colors: Sequence[str] | None = None, figsize: tuple[float, float] | None = None) -> Any:
     n = len(images)
     ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n))))
     nrows = max(1, math.ceil(n / ncols))
@@ -120,11 +139,13 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, ncols: in
             ax.set_title(titles[i], fontsize=9, color=(title_colors[i] if title_colors else "black"))
     if suptitle:
         fig.suptitle(suptitle)
+    if figsize is not None:
+        fig.set_size_inches(*figsize)
     fig.tight_layout()
-    return finish(fig, out)
+    return fig
 
 
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = False, title: str = "Confusion matrix", out: str | Path | None = None) -> Any:
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = False, title: str = "Confusion matrix", figsize: tuple[float, float] | None = None, out: str | Path | None = None) -> Any:
     """Confusion matrix (n_classes, n_classes) counts, rows actual and columns predicted, numbers in cells.
 
     `normalize` shows each row as shares of that class (recall on the diagonal) instead of counts.
@@ -133,7 +154,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = 
     shown = cm / np.clip(cm.sum(1, keepdims=True), 1, None) if normalize else cm
     n = len(classes)
     side = min(14.0, max(4.0, 0.55 * n + 2.5))
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = plt.subplots(figsize=figsize or (side, side))
     ax.imshow(shown, cmap="Blues", vmin=0)
     ax.set_xticks(range(n), [str(c) for c in classes], rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), [str(c) for c in classes])
@@ -151,7 +172,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = 
     return finish(fig, out)
 
 
-def show_batch(dls: Any, n: int = 9, *, valid: bool = False, out: str | Path | None = None) -> Any:
-    """A grid of `n` images of a DataBunch (augmented training images by default) with their labels."""
+def show_batch(dls: Any, n: int = 9, *, valid: bool = False, ncols: int | None = None, figsize: tuple[float, float] | None = None, out: str | Path | None = None) -> Any:
+    """A grid of `n` images of a DataBunch (augmented training images by default) with their labels,
+    `ncols` to a row (default: a square grid), the figure `figsize` inches (default: by the grid)."""
     imgs, titles, caption = dls.sample_batch(n, valid=valid)
-    return image_grid(imgs, titles, suptitle=caption, out=out)
+    return finish(_grid(imgs, titles, ncols=min(ncols, len(imgs)) if ncols and imgs else None, suptitle=caption, figsize=figsize), out)

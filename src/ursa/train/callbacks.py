@@ -17,9 +17,13 @@ The Learner (`ursa.train.learner`) calls every callback's hooks, in order, at fi
     after_fit                            also when the fit failed
 
 get_preds and predict run before_batch and after_pred around their forward pass too, with
-`learn.training` False. Here: the Recorder (history.csv, loss curves), the progress display, and the
-three that make the same loop fast on any machine: channels-last batches, mixed precision (autocast,
-with gradient scaling for fp16) and DistributedDataParallel under torchrun.
+`learn.training` False. Here: the Recorder (history.csv, which path trained, loss and lr_find curves),
+the progress displays (epochs and feature extraction), and the three that make the same loop fast on
+any machine: channels-last batches, mixed precision (autocast, with gradient scaling for fp16) and
+DistributedDataParallel under torchrun.
+
+The progress displays are Rich's: in a terminal they draw in place, and in Jupyter Rich draws them in
+the notebook (through ipywidgets), so no second progress library is needed.
 """
 
 from __future__ import annotations
@@ -28,17 +32,23 @@ import contextlib
 import csv
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ursa._io import atomic_write_bytes
+from ursa.errors import TrainError
 from ursa.train import distributed as dist
 
-__all__ = ["Callback", "CancelStep", "Recorder", "ProgressCallback", "ChannelsLast", "MixedPrecision", "DistributedTraining", "HISTORY_COLUMNS"]
+__all__ = ["Callback", "CancelStep", "Recorder", "LRFind", "ProgressCallback", "FeatureProgress", "ChannelsLast", "MixedPrecision", "DistributedTraining", "HISTORY_COLUMNS", "CACHED", "NETWORK"]
 
-HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "lr", "seconds"]
+# `path`: what ran the epoch, "cached-features" (the head on the feature cache) or "network" (images
+# through the whole model); other metrics a Learner was given follow these columns
+HISTORY_COLUMNS = ["stage", "epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "lr", "seconds", "path"]
+CACHED, NETWORK = "cached-features", "network"
+_NOT_COLUMNS = {"batches", "iterations"}  # row bookkeeping, not written to history.csv
 
 
 class CancelStep(Exception):
@@ -61,17 +71,37 @@ class Callback:
     def after_fit(self, learn: Any) -> None: ...
 
 
+@dataclass
+class LRFind:
+    """An lr_find sweep: learning rates, their smoothed losses and the suggestions."""
+
+    lrs: Any  # np.ndarray (n,)
+    losses: Any  # np.ndarray (n,), smoothed
+    suggestion: Any  # ursa.train.schedule.SuggestedLRs
+
+    def plot(self, out: str | Path | None = None) -> Any:
+        """Loss against learning rate (log scale) with the suggestions marked; saved to `out` when given."""
+        from ursa.interpret.plots import plot_lr_find
+
+        return plot_lr_find(self.lrs, self.losses, self.suggestion, out=out)
+
+
 class Recorder(Callback):
-    """Keeps per-batch training losses and per-epoch rows (HISTORY_COLUMNS) across every fit of a Learner."""
+    """Keeps per-batch training losses and per-epoch rows (HISTORY_COLUMNS and the Learner's metrics; `epoch`
+    counts within its fit, as fastai's table does) across every fit of a Learner, which path ran them
+    (`path`, also a column), and the last lr_find sweep."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.batch_losses: list[float] = []
         self.lrs: list[float] = []
+        self.path: str | None = None  # CACHED or NETWORK: what ran the last fit
+        self.lr_find: LRFind | None = None
         self._t0 = 0.0
 
     def before_fit(self, learn: Any) -> None:
         self._t0 = time.perf_counter()
+        self.path = getattr(learn, "source", NETWORK)
 
     def after_batch(self, learn: Any) -> None:
         self.batch_losses.append(learn.last_loss)
@@ -80,19 +110,30 @@ class Recorder(Callback):
     def after_epoch(self, learn: Any) -> None:
         now = time.perf_counter()
         done = sum(r.get("batches", 0) for r in self.rows)
-        row = {"stage": learn.stage, "epoch": len(self.rows), "train_loss": learn.epoch_train_loss, "lr": learn.last_lr, "seconds": round(now - self._t0, 3), "batches": len(self.batch_losses) - done}
+        row = {"stage": learn.stage, "epoch": learn.epoch, "train_loss": learn.epoch_train_loss, "lr": learn.last_lr, "seconds": round(now - self._t0, 3), "batches": len(self.batch_losses) - done, "path": self.path}
         row.update(learn.last_metrics)
         self.rows.append(row)
         self._t0 = now
+
+    def add_row(self, row: dict[str, Any], *, path: str) -> None:
+        """Record an epoch row a fit made without the loop (a head solved in one go has no batches)."""
+        self.path = path
+        self.rows.append({"batches": 0, **row, "path": path})
 
     @property
     def valid_losses(self) -> list[float]:
         return [r["valid_loss"] for r in self.rows]
 
+    @property
+    def columns(self) -> list[str]:
+        """HISTORY_COLUMNS, then any other metric the rows hold, in order of appearance."""
+        extra = [k for r in self.rows for k in r if k not in HISTORY_COLUMNS and k not in _NOT_COLUMNS]
+        return HISTORY_COLUMNS + list(dict.fromkeys(extra))
+
     def to_csv(self, path: str | Path) -> Path:
         """Write the epoch rows as CSV (atomic)."""
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
         w.writeheader()
         for r in self.rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -104,9 +145,28 @@ class Recorder(Callback):
 
         return plot_losses(self.batch_losses, self.rows, out=out)
 
+    def plot_losses(self, out: str | Path | None = None) -> Any:
+        """fastai's name for `plot_loss`."""
+        return self.plot_loss(out)
+
+    def record_lr_find(self, lrs: Sequence[float], losses: Sequence[float], suggestion: Any) -> LRFind:
+        self.lr_find = LRFind(lrs, losses, suggestion)
+        return self.lr_find
+
+    def plot_lr_find(self, out: str | Path | None = None) -> Any:
+        """The last lr_find sweep: loss against learning rate, the suggestions marked; saved to `out` when given."""
+        if self.lr_find is None:
+            raise TrainError("there is no learning-rate sweep to plot: run learn.lr_find() first.")
+        return self.lr_find.plot(out)
+
+    def plot(self, out: str | Path | None = None) -> Any:
+        """The lesson's `learn.recorder.plot()` after `lr_find`: the same as `plot_lr_find`."""
+        return self.plot_lr_find(out)
+
 
 class ProgressCallback(Callback):
-    """A Rich progress bar over batches and a printed row per epoch; silent when `enabled` is False."""
+    """A Rich progress bar over batches and a printed row per epoch (the loss, the validation loss and every
+    metric); silent when `enabled` is False."""
 
     def __init__(self, *, enabled: bool = True, console: Any = None) -> None:
         self.enabled, self.console = enabled, console
@@ -131,16 +191,40 @@ class ProgressCallback(Callback):
         if self._progress is None:
             return
         m = learn.last_metrics
-        self._progress.console.print(
-            f"  {learn.stage:<8} epoch {learn.epoch + 1:>3}/{learn.n_epoch}  train_loss {learn.epoch_train_loss:.4f}  "
-            f"valid_loss {m.get('valid_loss', float('nan')):.4f}  error_rate {m.get('error_rate', float('nan')):.4f}",
-            highlight=False,
-        )
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float)))
+        self._progress.console.print(f"  {learn.stage:<8} epoch {learn.epoch + 1:>3}/{learn.n_epoch}  train_loss {learn.epoch_train_loss:.4f}  {shown}", highlight=False)
 
     def after_fit(self, learn: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class FeatureProgress:
+    """One Rich progress bar per feature-extraction pass; `update(label, done, total)` is the progress
+    function `ursa.train.features.cached_features` takes. Silent when `enabled` is False."""
+
+    def __init__(self, *, enabled: bool, console: Any = None):
+        self.enabled, self.console = enabled, console
+        self._p: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._p is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
+            self._p.start()
+        if label not in self._tasks:
+            self._tasks[label] = self._p.add_task(label, total=total)
+        self._p.update(self._tasks[label], completed=done)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
 
 
 class ChannelsLast(Callback):

@@ -6,7 +6,8 @@ epoch. So features are computed once per (image, view) and stored on disk beside
 run with other head settings, the label-issue search and the duplicate search all read the cache.
 
 Views: 0 is the evaluation transform, 1 its horizontal mirror (test-time augmentation), and 2.. are
-seeded random augmentations of the training transform.
+seeded random draws of the training transform of the run's `Augment` (any Augment: each view is a
+random draw with its own seed), whose spec is part of the cache's signature.
 
 Larger than memory: each view is stored as fixed-size shards (`SHARD_ROWS` rows) written as they
 complete, read back memory-mapped; images are decoded by DataLoader workers as they are needed. An
@@ -34,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ursa._io import atomic_write_bytes, atomic_write_json
-from ursa.config import DataConfig, TrainConfig
+from ursa.config import DEFAULT_AUG, Augment, DataConfig, TrainConfig
 from ursa.data.items import Skipped
 from ursa.data.split import Split
 from ursa.data.transforms import eval_transform, input_size, open_image, train_transform
@@ -106,15 +107,21 @@ class FeatureSet:
     failed: list[Skipped]
 
 
-def _signature(backbone: Backbone, *, flip: bool, seed: int, jitter: float, scale: tuple[float, float], precision: str = "fp32") -> str:
+def _aug_signature(aug: Augment) -> dict[str, Any]:
+    """The augmentation's part of the signature. `DEFAULT_AUG` (with or without flips) keeps the keys it had
+    before `Augment` existed, so caches written then stay valid; any other Augment adds its whole spec."""
+    if replace(aug, do_flip=DEFAULT_AUG.do_flip) == DEFAULT_AUG:
+        return {"flip": aug.do_flip, "jitter": DEFAULT_AUG.max_lighting, "scale": [DEFAULT_AUG.min_scale, 1.0]}
+    return {"flip": aug.do_flip, "aug": aug.spec()}
+
+
+def _signature(backbone: Backbone, *, aug: Augment, seed: int, precision: str = "fp32") -> str:
     spec = {
         "timm": backbone.timm_name,
         "weights": backbone.weights,
         "cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
-        "flip": flip,
+        **_aug_signature(aug),
         "seed": seed,
-        "jitter": jitter,
-        "scale": list(scale),
         "v": 3,  # 2: sharded layout; 3: evaluation view resized from the crop's region (ursa.imageio)
     }
     if precision != "fp32":
@@ -142,17 +149,17 @@ class FeatureCache:
         *,
         flip: bool = True,
         seed: int = 42,
-        jitter: float = 0.2,
-        scale: tuple[float, float] = (0.35, 1.0),
+        aug: Augment = DEFAULT_AUG,
         shard_rows: int = SHARD_ROWS,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
     ):
         if shard_rows < 1:
             raise TrainError(f"shard_rows must be at least 1 (got {shard_rows}).")
-        self.backbone, self.flip, self.seed, self.jitter, self.scale = backbone, flip, seed, jitter, scale
+        aug = aug if (flip or not aug.do_flip) else replace(aug, do_flip=False)  # flip=False turns the Augment's flips off
+        self.backbone, self.aug, self.flip, self.seed = backbone, aug, aug.do_flip, seed
         self.shard_rows, self.device, self.precision = shard_rows, torch.device(device), precision
-        self.dir = Path(cache_root) / _signature(backbone, flip=flip, seed=seed, jitter=jitter, scale=scale, precision=precision)
+        self.dir = Path(cache_root) / _signature(backbone, aug=aug, seed=seed, precision=precision)
         self._maps: dict[Path, np.ndarray] = {}
 
     def view_dir(self, view: int) -> Path:
@@ -282,9 +289,7 @@ class FeatureCache:
             [root / names[i] for i in chunk],
             view=view,
             seeds=[_view_seed(self.seed, view, names[i]) for i in chunk],
-            flip=self.flip,
-            jitter=self.jitter,
-            scale=self.scale,
+            aug=self.aug,
             batch_size=batch_size,
             num_workers=num_workers,
             progress=progress,
@@ -322,9 +327,7 @@ def extract(
     *,
     view: int = PLAIN,
     seeds: Sequence[int] | None = None,
-    flip: bool = True,
-    jitter: float = 0.2,
-    scale: tuple[float, float] = (0.35, 1.0),
+    aug: Augment = DEFAULT_AUG,
     batch_size: int = 32,
     num_workers: int = 0,
     progress: Progress | None = None,
@@ -341,7 +344,7 @@ def extract(
     if view in (PLAIN, MIRROR):
         tf, view_seeds, min_side = eval_transform(backbone.data_config), None, eval_min_side(backbone.data_config)
     else:
-        tf, view_seeds, min_side = train_transform(backbone.data_config, flip=flip, jitter=jitter, scale=scale), list(seeds or []), size
+        tf, view_seeds, min_side = train_transform(backbone.data_config, aug=aug), list(seeds or []), size
     ds = _Images(paths, tf, size, view_seeds, min_side=min_side)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
     device = torch.device(device)
@@ -399,7 +402,7 @@ class FeatureData:
 def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg: DataConfig, *, progress: Callable[[str, int, int], None] | None = None, device: torch.device | str = "cpu") -> FeatureData:
     """Features for every training view and the evaluation views of the validation set (cached on disk;
     computed on `device`, shared out across ranks under torchrun). `progress(label, done, total)` per pass."""
-    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed, device=device)
+    cache = FeatureCache(cache_dir_for(split.root), backbone, flip=data_cfg.flip, seed=data_cfg.seed, aug=data_cfg.aug, device=device)
     views = views_for(len(split.train), max_views=cfg.views, budget=cfg.view_budget, flip=data_cfg.flip)
     eval_views = [PLAIN, MIRROR] if (cfg.tta and data_cfg.flip) else [PLAIN]
     failed: dict[str, Skipped] = {}

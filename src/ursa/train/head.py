@@ -15,7 +15,7 @@ Features are float32 (n, d), labels (n,) int64 class indices.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +23,8 @@ import torch.nn.functional as F
 
 from ursa.errors import TrainError
 from ursa.models import Head
+from ursa.train.callbacks import CACHED
 from ursa.train.schedule import apply_one_cycle
-
-if TYPE_CHECKING:
-    from ursa.train.learner import Learner
 
 __all__ = ["lbfgs_linear", "set_linear", "fit_linear_head", "fit_fold_heads", "MIN_FOLD_STEPS"]
 
@@ -66,19 +64,22 @@ def set_linear(head: Head, w: torch.Tensor, b: torch.Tensor) -> None:
     head.eval()
 
 
-def fit_linear_head(learn: "Learner", *, c: float = 0.5, max_iter: int = 300) -> None:
-    """Fit the linear layer of `learn`'s Head on the learner's whole feature cache (`lbfgs_linear`) and
-    record one history row: L-BFGS iterations are not mini-batches, so there are no batch losses."""
+def fit_linear_head(learn: Any, *, c: float = 0.5, max_iter: int = 300) -> None:
+    """Fit the linear layer of the Head that `learn` (a `ursa.train.learner.Learner` over cached features)
+    trains, on its whole feature cache (`lbfgs_linear`), and record one history row: L-BFGS iterations
+    are not mini-batches, so there are no batch losses. The head's dropout is set to 0: the fitted head
+    never saw dropout, and fine-tuning after it keeps its logits as they were fitted."""
     head = learn.model
     if not isinstance(head, Head):
         raise TrainError("fit_linear_head needs a Head on cached features.")
-    x, y = learn.train_dl.dataset.tensors  # type: ignore[attr-defined]
+    x, y = learn.train_dl.dataset.tensors
     t0 = time.perf_counter()
     w, b, evals = lbfgs_linear(x, y, len(learn.classes), c=c, max_iter=max_iter)
     set_linear(head, w, b)
+    head.drop.p = 0.0
     with torch.no_grad():
         ce = float(F.cross_entropy(head(x), y))
-    learn.recorder.rows.append({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), "batches": 0, "iterations": evals, **learn.validate()})
+    learn.recorder.add_row({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), "batches": 0, "iterations": evals, **learn.validate()}, path=CACHED)
 
 
 def fit_fold_heads(

@@ -1,15 +1,18 @@
 """The default training recipe, CPU-fast: cached backbone features -> head, then optional fine-tuning.
 
+It is the notebook's Learner (`ursa.train.learner.vision_learner`) driven by a TrainConfig, so `ursa
+train` and a notebook train through one path:
+
 1. Split the dataset (seeded); every bad input fails here, before anything is written.
-2. Compute backbone features once per image and view (cached on disk; see `features.py`). Small
-   datasets get several augmented views per image, up to `view_budget` cached training samples, so
-   a 10-shot set trains on ~10x more variety at the cost of one forward pass per view.
-3. Fit the head on the whole cache: by default a linear head fitted to convergence by L-BFGS
-   (`head.py`; no learning rate or epoch count), or with `head="one_cycle"` by mini-batch epochs on the
-   same Learner. Evaluate with the plain and mirrored view averaged (test-time augmentation) when flips
-   are allowed.
-4. Optionally (`fine_tune` > 0) fine-tune the whole network on images with discriminative learning rates,
-   on the same Learner class (mixed precision, channels-last and DDP are its callbacks).
+2. `learn.features()`: backbone features once per image and view (cached on disk; see `features.py`).
+   Small datasets get several augmented views per image, up to `view_budget` cached training samples,
+   so a 10-shot set trains on ~10x more variety at the cost of one forward pass per view.
+3. The head on the frozen body, on the whole cache: by default `learn.fit_lbfgs()`, a linear head fitted
+   to convergence by L-BFGS (`head.py`; no learning rate or epoch count), or with `head="one_cycle"`
+   `learn.fit_one_cycle(epochs)`. Evaluate with the plain and mirrored view averaged (test-time
+   augmentation) when flips are allowed.
+4. Optionally (`fine_tune` > 0) `learn.unfreeze()` and `learn.fit_one_cycle` on images with
+   discriminative learning rates (mixed precision, channels-last and DDP are the Learner's callbacks).
 5. Write the run folder, whole and only once the run has succeeded: config.json, split.json,
    history.csv, metrics.json, losses.png, predictions.csv and models/model.safetensors.
 """
@@ -30,22 +33,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ursa._io import atomic_write_bytes, atomic_write_json
 from ursa.config import DataConfig, TrainConfig, to_dict
 from ursa.data.split import Split, build_split, save_split
 from ursa.errors import TrainError
-from ursa.models import Backbone, Head, body_groups
+from ursa.models import Backbone
 from ursa.train import distributed as dist
 from ursa.train.callbacks import Recorder
-from ursa.train.features import FeatureData, cached_features, prepare_backbone
-from ursa.train.head import fit_linear_head
-from ursa.train.learner import Learner
+from ursa.train.features import FeatureData, prepare_backbone
+from ursa.train.learner import Learner, vision_learner
 from ursa.train.metrics import accuracy, error_rate
 
 __all__ = ["RunResult", "train_run", "head_learner", "next_free_dir"]
+
+FINE_TUNE_WD = 0.01  # AdamW weight decay of full fine-tuning (TrainConfig.wd is the one-cycle head's)
 
 
 @dataclass
@@ -74,24 +79,26 @@ def next_free_dir(out: Path) -> Path:
 
 
 def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), *, progress: bool = True, console: Any = None) -> Learner:
-    """A Learner for the head stage on cached features (for lr_find or custom schedules); nothing written."""
+    """The recipe's Learner, frozen, with its feature cache computed (for lr_find or custom schedules on
+    the head: they run on the cache); nothing else written."""
     split = build_split(root, data)
     backbone = prepare_backbone(train)
-    bar = _FeatureProgress(enabled=progress, console=console)
-    fd = cached_features(split, backbone, train, data, progress=bar.update)
-    bar.close()
-    return _make_head_learner(fd, split, backbone, train, data, Path("."), progress)
+    learn = recipe_learner(split, backbone, train, data, out=Path("."), progress=progress, console=console)
+    learn.features()
+    return learn
 
 
-def _make_head_learner(fd: FeatureData, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, out: Path, progress: bool) -> Learner:
-    gen = torch.Generator().manual_seed(data.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(data.seed)
-        head = Head(backbone.num_features, len(split.classes), dropout=train.dropout)
-    bs = train.head_batch_size
-    train_dl = DataLoader(TensorDataset(fd.x_train, fd.y_train), batch_size=bs, shuffle=True, generator=gen, drop_last=len(fd.y_train) > bs)
-    valid_dl = DataLoader(TensorDataset(fd.x_valid[0], fd.y_valid), batch_size=512)
-    return Learner(head, train_dl, valid_dl, classes=split.classes, path=out, progress=progress, stage="head", wd=train.wd, label_smoothing=train.label_smoothing)
+def recipe_learner(split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, *, out: Path, progress: bool = True, console: Any = None, device: torch.device = torch.device("cpu")) -> Learner:
+    """The image Learner a TrainConfig describes: `vision_learner` on `split`'s DataBunch (fine-tuning's
+    batch size, input side, workers and augmentation) with the config's cache views, head batch size,
+    dropout, weight decay and label smoothing, device, precision (when fine-tuning), channels-last and DDP."""
+    from ursa.data.loaders import ImageDataLoaders
+
+    dls = ImageDataLoaders.from_split(split, backbone.data_config, bs=train.batch_size, flip=data.flip, size=train.fine_tune_size, num_workers=train.num_workers, aug=data.aug)
+    precision = dist.choose_precision(train.precision, device)[0] if train.fine_tune > 0 else "fp32"
+    channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
+    return vision_learner(dls, backbone, train=train, data=data, dropout=train.dropout, path=out, progress=progress, console=console, wd=train.wd, label_smoothing=train.label_smoothing,
+                          device=device, precision=precision, channels_last=channels_last, ddp=dist.world_size() > 1)  # fmt: skip
 
 
 def _tta_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -125,6 +132,8 @@ def train_run(
     (dataset, weights) is checked first, and the run folder appears only once the run has succeeded,
     complete (`out`, or `out-2`, ... when that already holds a run; see `RunResult.out`)."""
     t0 = time.perf_counter()
+    if train.head not in ("lbfgs", "one_cycle"):
+        raise TrainError(f"unknown head solver {train.head!r}; use 'lbfgs' or 'one_cycle'.")
     if train.threads:
         torch.set_num_threads(train.threads)
     # under torchrun: join the process group; only rank 0 shows progress and writes the run folder
@@ -134,41 +143,33 @@ def train_run(
     split = split or build_split(root, data)
     backbone = prepare_backbone(train, backbone)
     out = Path(out)  # nothing is written there until the run has succeeded (see _publish_run)
+    learn = recipe_learner(split, backbone, train, data, out=out, progress=progress, console=console, device=device)
 
-    bar = _FeatureProgress(enabled=progress, console=console)
     t_feat = time.perf_counter()
-    fd = cached_features(split, backbone, train, data, progress=bar.update, device=device)
-    bar.close()
+    fd = learn.features()
     feat_s = time.perf_counter() - t_feat
     if len(fd.y_valid) == 0:
         first = "; ".join(f"{s.name}: {s.reason}" for s in fd.failed[:3])
         raise TrainError(f"no validation image could be decoded ({len(fd.failed)} files failed; {first}). Check them with `ursa verify {split.root}`, then train again.")
 
-    # ---- stage 1: the head on cached features ----
-    learn = _make_head_learner(fd, split, backbone, train, data, out, progress)
-    head = learn.model
+    # ---- stage 1: the head on cached features (the body is frozen) ----
     if train.head == "lbfgs":
-        fit_linear_head(learn, c=train.c)
-    elif train.head == "one_cycle":
+        learn.fit_lbfgs(c=train.c)
+    else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.seed)
             learn.fit_one_cycle(train.epochs, train.lr or 3e-3)
-    else:
-        raise TrainError(f"unknown head solver {train.head!r}; use 'lbfgs' or 'one_cycle'.")
+    model, head = learn.model, learn.model[1]
     probs = _tta_probs(head, fd.x_valid)
-    history = list(learn.recorder.rows)
-    batch_losses = list(learn.recorder.batch_losses)
-    model = nn.Sequential(backbone.model, head).eval()
     stage = "head"
 
     # ---- stage 2 (optional): full fine-tuning on images ----
     runtime: dict[str, Any] = {"device": str(device), "world_size": dist.world_size()}
     if train.fine_tune > 0:
-        probs, ft_rows, ft_losses = _fine_tune(model, backbone, head, split, fd, train, data, out, progress, device=device, runtime=runtime)
-        history += ft_rows
-        batch_losses += ft_losses
+        probs = _fine_tune(learn, split, fd, train, data, device=device, runtime=runtime)
         stage = "fine_tune"
-    model.cpu()
+    model.cpu().eval()
+    history, batch_losses = list(learn.recorder.rows), list(learn.recorder.batch_losses)
 
     y = fd.y_valid
     wall = time.perf_counter() - t0
@@ -193,20 +194,20 @@ def train_run(
     return RunResult(out, metrics, model, split.classes, split, backbone, history)
 
 
-def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, out: Path, progress: bool, *, device: torch.device = torch.device("cpu"), runtime: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]], list[float]]:
-    """Full fine-tuning on images. Under torchrun: DDP, a DistributedSampler, and the global batch kept at
-    the single-process size (each of N ranks takes bs / N), so the schedule means the same on 1 or N processes.
+def _fine_tune(learn: Learner, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, *, device: torch.device = torch.device("cpu"), runtime: dict[str, Any] | None = None) -> torch.Tensor:
+    """`learn.unfreeze()` and one-cycle on images; returns the validation probabilities (with the mirrored
+    view averaged in when flips and TTA are on). The images that failed to decode in the feature pass are
+    left out of the loaders. Under torchrun: DDP, a DistributedSampler, and the global batch kept at the
+    single-process size (each of N ranks takes bs / N), so the schedule means the same on 1 or N processes.
     `runtime` receives the precision chosen (and why) and the training throughput in images/s."""
     from ursa.data.loaders import ImageDataLoaders
 
-    if train.head == "lbfgs":
-        head.drop.p = 0.0  # the fitted head never saw dropout; keep its logits as they were fitted
-    good_train = set(fd.train_names)
-    good_valid = set(fd.valid_names)
-    clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
-    bs = train.batch_size
-    dls = ImageDataLoaders.from_split(clean, backbone.data_config, bs=bs, flip=data.flip, size=train.fine_tune_size, num_workers=train.num_workers)
-    train_dl, world = dls.train, dist.world_size()
+    dls = learn.dls
+    if fd.failed:
+        good_train, good_valid = set(fd.train_names), set(fd.valid_names)
+        clean = Split(split.root, [it for it in split.train if it.name in good_train], [it for it in split.valid if it.name in good_valid], split.classes, split.skipped, split.how, split.seed, split.valid_pct)
+        dls = ImageDataLoaders.from_split(clean, learn.backbone.data_config, bs=train.batch_size, flip=data.flip, size=train.fine_tune_size, num_workers=train.num_workers, aug=data.aug)
+    bs, train_dl, world = train.batch_size, dls.train, dist.world_size()
     if world > 1:
         from torch.utils.data import DistributedSampler
 
@@ -214,11 +215,9 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
         per = max(1, bs // world)
         nw = train_dl.num_workers
         train_dl = DataLoader(train_dl.dataset, batch_size=per, sampler=sampler, drop_last=len(sampler) > per, collate_fn=train_dl.collate_fn, num_workers=nw, persistent_workers=nw > 0)
-    channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
-    model.to(device=device, memory_format=torch.contiguous_format)  # feature extraction left the backbone channels-last; start from one layout
-    precision, why = dist.choose_precision(train.precision, device)
-    learn = Learner(model, train_dl, dls.valid, classes=split.classes, groups=[*body_groups(backbone.model, 2), list(head.parameters())], path=out, progress=progress, stage="fine_tune",
-                    label_smoothing=train.fine_tune_label_smoothing, preprocess=dls.preprocess, bn_eval=model, device=device, precision=precision, channels_last=channels_last, ddp=world > 1)  # fmt: skip
+    learn.dls, learn.train_dl, learn.valid_dl, learn.preprocess = dls, train_dl, dls.valid, dls.preprocess
+    learn.loss_func = lambda out, y: F.cross_entropy(out, y, label_smoothing=train.fine_tune_label_smoothing)
+    learn.wd, learn.bn_eval = FINE_TUNE_WD, learn.model  # every BatchNorm, the head's too, keeps its statistics
     learn.unfreeze()
     lr = train.fine_tune_lr
     with torch.random.fork_rng(devices=[]):
@@ -231,9 +230,10 @@ def _fine_tune(model: nn.Module, backbone: Backbone, head: Head, split: Split, f
         flipped, _ = learn.get_preds((flip_view(xb), yb) for xb, yb in dls.valid)
         probs = (probs + flipped) / 2
     if runtime is not None:
+        precision, why = dist.choose_precision(train.precision, device)
         ips = learn.train_samples / learn.train_seconds if learn.train_seconds > 0 else float("nan")
-        runtime.update({"precision": why, "channels_last": channels_last, "fine_tune_images_per_s": round(ips, 2), "fine_tune_train_s": round(learn.train_seconds, 3)})
-    return probs, list(learn.recorder.rows), list(learn.recorder.batch_losses)
+        runtime.update({"precision": why, "channels_last": learn.channels_last, "fine_tune_images_per_s": round(ips, 2), "fine_tune_train_s": round(learn.train_seconds, 3)})
+    return probs
 
 
 def _publish_run(out: Path, write: Callable[[Path], None]) -> Path:
@@ -296,28 +296,3 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
         csv.writer(buf).writerows([["name", "reason"], *skipped])
         atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
     atomic_write_json(out / "metrics.json", metrics)
-
-
-class _FeatureProgress:
-    """One Rich progress bar per feature-extraction pass."""
-
-    def __init__(self, *, enabled: bool, console: Any = None):
-        self.enabled, self.console = enabled, console
-        self._p: Any = None
-        self._tasks: dict[str, Any] = {}
-
-    def update(self, label: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self._p is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
-            self._p.start()
-        if label not in self._tasks:
-            self._tasks[label] = self._p.add_task(label, total=total)
-        self._p.update(self._tasks[label], completed=done)
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()

@@ -7,12 +7,11 @@ anneal to lr_max/div_final, with momentum (Adam's beta1) moving the opposite way
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["cos_anneal", "one_cycle", "apply_one_cycle", "lr_range", "smooth", "suggest_lr", "LRSuggestion", "split_lrs"]
+__all__ = ["cos_anneal", "one_cycle", "apply_one_cycle", "lr_range", "smooth", "suggest_lr", "SuggestedLRs", "LRSuggestion", "split_lrs"]
 
 
 def cos_anneal(start: float, end: float, pct: float) -> float:
@@ -52,16 +51,18 @@ def smooth(values: Sequence[float], beta: float = 0.98) -> np.ndarray:
     return np.array(out)
 
 
-@dataclass(frozen=True)
-class LRSuggestion:
-    """Suggested learning rates from an lr_find sweep."""
+class SuggestedLRs(NamedTuple):
+    """Suggested learning rates from an lr_find sweep (fastai's name; `lr_find` returns one)."""
 
     valley: float  # inside the longest stretch where the loss keeps falling (the default suggestion)
-    steep: float  # where the loss falls fastest
     minimum: float  # a tenth of the learning rate with the lowest loss
+    steep: float  # where the loss falls fastest
 
 
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> LRSuggestion:
+LRSuggestion = SuggestedLRs  # the earlier name
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> SuggestedLRs:
     """Pick learning rates from a smoothed sweep; `lrs` and `losses` have the same length (>= 4)."""
     lrs_a, l = np.asarray(lrs, float), np.asarray(losses, float)
     n = len(l)
@@ -79,7 +80,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> LRSuggestion:
     grads = np.gradient(l, np.log10(lrs_a))
     steep = lrs_a[int(np.argmin(grads[1:-1])) + 1] if n > 2 else lrs_a[0]
     minimum = lrs_a[int(np.argmin(l))] / 10
-    return LRSuggestion(float(valley), float(steep), float(minimum))
+    return SuggestedLRs(valley=float(valley), minimum=float(minimum), steep=float(steep))
 
 
 def split_lrs(lr: float | slice, n_groups: int) -> list[float]:

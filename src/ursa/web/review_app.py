@@ -28,25 +28,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from ursa.errors import ReviewError, UrsaError
-from ursa.interpret.issues import KINDS, read_issues
+from ursa.interpret.issues import KIND_TITLES, KINDS, read_issues
 from ursa.review import QUARANTINE_DIR, Review, ReviewConflict, dataset_labels
 from ursa.web.security import protect
 
-__all__ = ["create_review_app", "image_id", "KIND_TITLES"]
+__all__ = ["create_review_app", "image_id"]
 
 HERE = Path(__file__).resolve().parent
 _ID = re.compile(r"^[0-9a-f]{12}$")
-KIND_TITLES = {
-    "label": ("Likely label errors", "The model, never trained on these images, is confident they belong to another class."),
-    "duplicate": ("Duplicates", "The same picture more than once (exact or near copies); keep one."),
-    "leak": ("Train/valid leaks", "Copies on both sides of the split make the validation score look better than it is."),
-    "outlier": ("Outliers", "Far from every other image: maybe not a picture of any class."),
-    "dark": ("Very dark", ""),
-    "bright": ("Very bright", ""),
-    "blurry": ("Blurry or flat", ""),
-    "tiny": ("Tiny", "Too few pixels to learn from."),
-    "unreadable": ("Unreadable", "The file could not be opened to measure its pixels: it may have changed or gone since training."),
-}
 
 
 def image_id(name: str) -> str:
