@@ -257,3 +257,19 @@ def test_lr_find_on_a_trained_learner_does_not_stop_on_early_noise(tmp_path: Pat
     monkeypatch.setattr(learn, "_train_batch", batch)
     learn.lr_find(start_lr=1e-6, end_lr=1e-2, num_it=30)
     assert len(learn.recorder.lr_find.lrs) == 30
+
+
+def test_lr_find_shows_a_progress_bar(tmp_path: Path) -> None:
+    """Every long step shows a bar: the sweep over the network is one."""
+    import io
+
+    from rich.console import Console
+
+    tr, va = _toy()
+    body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    head = Head(16, 3)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    learn = Learner(nn.Sequential(body, head), tr, va, classes=["a", "b", "c"], groups=[list(body.parameters()), list(head.parameters())], path=tmp_path, progress=True, console=console)
+    learn.lr_find(num_it=12)
+    assert "lr_find" in out.getvalue() and "12/12" in out.getvalue()

@@ -201,8 +201,9 @@ class ProgressCallback(Callback):
 
 
 class FeatureProgress:
-    """One Rich progress bar per feature-extraction pass; `update(label, done, total)` is the progress
-    function `ursa.train.features.cached_features` takes. Silent when `enabled` is False."""
+    """One Rich progress bar per pass over the data that is not an epoch (a feature-extraction view, the
+    lr_find sweep); `update(label, done, total)` is the progress function `ursa.train.features.cached_features`
+    takes. Silent when `enabled` is False."""
 
     def __init__(self, *, enabled: bool, console: Any = None):
         self.enabled, self.console = enabled, console

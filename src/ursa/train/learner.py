@@ -504,6 +504,7 @@ class Learner:
         # noise looks like a 4x divergence (a trained learner stopped after 2 batches), so the best loss
         # the rule compares with is taken from a little way in
         warmup = max(4, num_it // 10)
+        bar = FeatureProgress(enabled=self.progress and dist.is_main(), console=self.console)
         self._train_mode()
         self.training, it = True, 0
         try:
@@ -518,6 +519,7 @@ class Learner:
                     raw.append(self.last_loss)
                     sm = smooth(raw)[-1]
                     it += 1
+                    bar.update("lr_find", it, num_it)
                     if it > warmup:
                         best = min(best, sm)
                     if stop_div and (not math.isfinite(sm) or sm > 4 * best):
@@ -527,6 +529,7 @@ class Learner:
                     if not raw:
                         break  # an empty loader would loop forever
         finally:
+            bar.close()
             self.training = False
             self.model.load_state_dict(state)
         losses = smooth(raw)
