@@ -27,9 +27,16 @@ from typing import Any, Callable, Sequence
 import ipywidgets as W
 
 from ursa._io import sha256_file
+from ursa.data.items import inside_root
 from ursa.errors import BadImageError, InterpretError, ReviewError, UrsaError
 from ursa.imageio import decode_image
-from ursa.interpret.issues import ISSUE_COLUMNS, KINDS, IssueReport, image_quality, quality_flags
+from ursa.interpret.issues import (
+    ISSUE_COLUMNS,
+    KINDS,
+    IssueReport,
+    image_quality,
+    quality_flags,
+)
 from ursa.interpret.issues import KIND_TITLES as ISSUE_KIND_TITLES
 from ursa.review import QUARANTINE_DIR, Review, ReviewConflict, dataset_labels
 
@@ -62,14 +69,6 @@ def _placeholder(size: int, text: str) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=80)
     return buf.getvalue()
-
-
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _fmt_pct(x: Any) -> str:
@@ -458,7 +457,7 @@ class ImageCleaner(W.VBox):
         if name not in self._thumbs:
             data = None
             for path in (self.root / name, self.root / QUARANTINE_DIR / name):
-                if _inside(self.root, path) and path.is_file():
+                if inside_root(self.root.resolve(), path) and path.is_file():
                     try:
                         data = thumbnail_jpeg(path, size=self.thumb)
                     except BadImageError:

@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from ursa.data.items import inside_root
 from ursa.errors import ReviewError, UrsaError
 from ursa.interpret.issues import KIND_TITLES, KINDS, read_issues
 from ursa.review import QUARANTINE_DIR, Review, ReviewConflict, dataset_labels
@@ -47,14 +48,6 @@ class _Error(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
@@ -136,7 +129,7 @@ def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127
     def image(iid: str) -> FileResponse:
         name = lookup(iid)
         for path in (root / name, root / QUARANTINE_DIR / name):
-            if not _inside(root, path):
+            if not inside_root(root.resolve(), path):
                 raise _Error(403, f"image {iid} points outside the dataset root; it is not served.")
             if path.is_file():
                 return FileResponse(path, headers={"Cache-Control": "no-store"})
