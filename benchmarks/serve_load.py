@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -33,6 +35,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(model: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m ursa serve MODEL --port P --quiet ARGS...` on 127.0.0.1 as its own process, once it answers
+    /health: (process, url). Its stderr goes to `log` (a file: a full pipe would stall the server)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ursa", "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--quiet", *args]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,28 +131,9 @@ async def load(url: str, images: list[bytes], *, n: int, concurrency: int, max_s
 
 
 def serve_and_load(model: Path, images: list[bytes], *, backend: str, n: int, concurrency: int, max_seconds: float) -> dict[str, object]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "ursa", "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--quiet", "--backend", backend]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.2)
+    log = Path(tempfile.mkdtemp(prefix="ursa-serve-")) / f"serve-{backend}.log"
+    with serving(model, log, "--backend", backend) as (proc, url):
         return asyncio.run(load(url, images, n=n, concurrency=concurrency, max_seconds=max_seconds, server_pid=proc.pid))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 from _model import DATA, add_model_args, model_folder
-from serve_load import free_port, load
+from serve_load import load, serving
 
 MB = 1e6
 CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -98,27 +98,6 @@ async def uploads(url: str, body: bytes, n: int) -> dict[str, Any]:
     return {"outcomes": outcomes, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def start_server(model: Path, src: str | None, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "ursa", "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)  # a file: a full pipe would stall the server
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server did not start: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-
-
 def export_with(src: str, run: Path, out: Path) -> Path:
     """`run` exported by the Ursa in `src` (export formats differ between versions)."""
     env = {**os.environ, "PYTHONPATH": src}
@@ -128,8 +107,10 @@ def export_with(src: str, run: Path, out: Path) -> Path:
 
 def measure(model: Path, src: str | None, images: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     log = tmp / f"serve-{'baseline' if src else 'ursa'}.log"
-    proc, url = start_server(model, src, log)
-    try:
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    with serving(model, log, env=env) as (proc, url):
         for img in images[:8]:  # the model's first runs allocate its buffers: part of idle, not of the load
             httpx.post(url + "/predict", files={"file": ("w.jpg", img, "image/jpeg")}, timeout=60)
         time.sleep(2)
@@ -154,12 +135,6 @@ def measure(model: Path, src: str | None, images: list[bytes], args: argparse.Na
             "log_lines": len(lines),
             "tracebacks": sum(line.startswith("Traceback") for line in lines),
         }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> int:
