@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 
@@ -69,15 +71,6 @@ if unfreeze:
     out.update(unfreeze_s=time.time() - t0, unfreeze_error_rate=learn.recorder.rows[-1]["error_rate"], unfreeze_path=learn.recorder.path)
 print("RESULT " + json.dumps(out))
 """.replace("THREADS", str(THREADS))
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide CPU training speed (as /proc/cpuinfo names them)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(f for f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags)
 
 
 def run_child(root: Path, cache_dir: Path, *, cache: bool, epochs: int, unfreeze: bool) -> dict:

@@ -28,23 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _machine import cpu_flags
 from _model import DATA, add_model_args, model_folder
 from serve_load import load, serving
 
 MB = 1e6
-CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> list[str]:
-    """The vector-instruction flags of this CPU that matter to inference speed (Linux /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -248,3 +248,21 @@ def test_a_run_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert _publish_run(tmp_path / "runs" / "r", lambda f: (f / "a").write_text("1")) == tmp_path / "runs" / "r"
     assert _publish_run(tmp_path / "runs" / "r", lambda f: (f / "a").write_text("2")) == tmp_path / "runs" / "r-2"
     assert (tmp_path / "runs" / "r" / "a").read_text() == "1" and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r", "r-2"]
+
+
+def test_output_folders_with_the_marker_are_not_classes(tmp_path: Path) -> None:
+    """runs/ and models/ beside the class folders (the studio's layout) hold an OUTPUT_MARKER file: never classes."""
+    root = make_dataset(tmp_path / "data", classes=2, per_class=2)
+    for name in ("runs", "models"):
+        (root / name / "run").mkdir(parents=True)
+        draw_example(0, 9).save(root / name / "run" / "plot.png")
+    assert items_mod.folder_classes(root) == ["bear", "cat", "models", "runs"]  # without markers: classes
+    for name in ("runs", "models"):
+        (root / name / items_mod.OUTPUT_MARKER).write_text("outputs\n")
+    assert items_mod.folder_classes(root) == ["bear", "cat"]
+    found = scan_class_folders(root)
+    assert found.labels == ["bear", "cat"] and not any(it.name.startswith(("runs/", "models/")) for it in found.items)
+    (root / "bear" / "deeper").mkdir()
+    (root / "bear" / "deeper" / items_mod.OUTPUT_MARKER).write_text("")  # only a top-level folder's marker counts
+    draw_example(0, 10).save(root / "bear" / "deeper" / "x.png")
+    assert "bear/deeper/x.png" in {it.name for it in scan_class_folders(root).items}

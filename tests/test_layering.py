@@ -29,7 +29,7 @@ LEVELS = {
     "review": 3,  # interpret's ImageCleaner writes through review's journal, so review sits on interpret's layer
     "export": 4,
     "web": 5, "report": 5, "notebook": 5,  # notebook: the lesson's names, composing every stage below
-    "cli": 6, "__main__": 6,
+    "cli": 6, "__main__": 6, "tasks": 6,
 }  # fmt: skip
 TOP = 7  # the `ursa` package itself: the notebook API, re-exported lazily from every layer
 LEAVES = {"interpret.plots": {"errors", "config"}}  # module -> the only ursa modules it may import

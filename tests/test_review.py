@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -222,3 +223,67 @@ def test_apply_and_undo_wait_for_a_run_holding_the_dataset_lock(review_case, tre
         rv.undo_apply()
     rv.undo_apply()
     assert (root / "square/001.png").is_file()
+
+
+# ---- update_cleaned: cleaned.csv kept in step with the studio's class changes ----------------------------------
+
+
+def test_update_cleaned_does_nothing_without_a_csv(review_case) -> None:  # noqa: ANN001
+    from ursa.review import update_cleaned
+
+    root, _ = review_case
+    assert update_cleaned(root, add=[("circle/new.png", "circle")], drop_class="square") is None
+    assert not (root / "cleaned.csv").exists()
+    assert not any(ln["op"] == "cleaned" for ln in Review(root).lines())
+
+
+def test_update_cleaned_adds_drops_and_renames_with_a_backup_and_a_journal_line(review_case) -> None:  # noqa: ANN001
+    from ursa.review import update_cleaned
+
+    root, _ = review_case
+    (root / "cleaned.csv").write_text("name,label,split\ncircle/000.png,circle,train\nsquare/001.png,circle,valid\nsquare/002.png,square,train\ntriangle/000.png,triangle,train\n")
+    before = (root / "cleaned.csv").read_bytes()
+    line = update_cleaned(root, add=[("circle/new.png", "circle"), ("circle/000.png", "circle")])
+    assert line["op"] == "cleaned" and line["added"] == [["circle/new.png", "circle"]]  # a listed name is not added twice
+    assert (root / line["backup"]).read_bytes() == before
+    rows = list(csv.reader(open(root / "cleaned.csv", newline="")))
+    assert rows[0] == ["name", "label", "split"] and rows[-1] == ["circle/new.png", "circle", ""]  # other columns kept
+    line = update_cleaned(root, rename_class=("square", "box"))
+    assert line["renamed"] == 2 and line["rename"] == ["square", "box"]
+    assert _csv(root / "cleaned.csv") == {"circle/000.png": "circle", "box/001.png": "circle", "box/002.png": "box", "triangle/000.png": "triangle", "circle/new.png": "circle"}
+    line = update_cleaned(root, drop_class="circle")  # its folder's rows, and rows labelled with it
+    assert sorted(map(tuple, line["dropped"])) == [("box/001.png", "circle"), ("circle/000.png", "circle"), ("circle/new.png", "circle")]
+    assert _csv(root / "cleaned.csv") == {"box/002.png": "box", "triangle/000.png": "triangle"}
+    assert line["sha256"] == hashlib.sha256((root / "cleaned.csv").read_bytes()).hexdigest()
+    assert [ln["op"] for ln in Review(root).lines()] == ["cleaned"] * 3
+    assert len(list((root / ".ursa/review/backups").iterdir())) == 3
+
+
+def test_update_cleaned_refuses_when_pending_decisions_name_the_class(review_case) -> None:  # noqa: ANN001
+    from ursa.review import check_class_change, update_cleaned
+
+    root, _ = review_case
+    (root / "cleaned.csv").write_text("name,label\nsquare/001.png,square\n")
+    before = (root / "cleaned.csv").read_bytes()
+    Review(root).decide("square/001.png", "keep")
+    with pytest.raises(ReviewError, match=r"cannot remove class 'square': 1 pending review decisions name its images \(square/001.png\). Apply or undo them first"):
+        update_cleaned(root, drop_class="square")
+    Review(root).decide("circle/000.png", "relabel", label="triangle")  # a relabel *to* the class counts too
+    with pytest.raises(ReviewError, match="cannot rename class 'triangle'"):
+        update_cleaned(root, rename_class=("triangle", "tri"))
+    with pytest.raises(ReviewError, match="cannot remove class 'square'"):
+        check_class_change(root, "square", what="remove")  # refused with no cleaned.csv too: the decision would point nowhere
+    assert (root / "cleaned.csv").read_bytes() == before
+    update_cleaned(root, drop_class="eel")  # a class no decision names is fine
+
+
+def test_update_cleaned_refuses_a_csv_it_cannot_read(review_case) -> None:  # noqa: ANN001
+    from ursa.review import update_cleaned
+
+    root, _ = review_case
+    (root / "cleaned.csv").write_text("file,class\na.png,x\n")
+    with pytest.raises(ReviewError, match=r"has columns \['file', 'class'\]; it needs name and label"):
+        update_cleaned(root, add=[("circle/000.png", "circle")])
+    (root / "cleaned.csv").write_bytes(b"name,label\n\xff\xfe,x\n")
+    with pytest.raises(ReviewError, match="cannot read .*cleaned.csv"):
+        update_cleaned(root, add=[("circle/000.png", "circle")])

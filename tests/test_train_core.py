@@ -273,3 +273,27 @@ def test_lr_find_shows_a_progress_bar(tmp_path: Path) -> None:
     learn = Learner(nn.Sequential(body, head), tr, va, classes=["a", "b", "c"], groups=[list(body.parameters()), list(head.parameters())], path=tmp_path, progress=True, console=console)
     learn.lr_find(num_it=12)
     assert "lr_find" in out.getvalue() and "12/12" in out.getvalue()
+
+
+def test_train_run_reports_events_stages_passes_and_epochs(tmp_path: Path) -> None:
+    """The studio's hook: `events` gets stages, per-pass feature progress ("(pass k/n)") and per-batch progress,
+    and one row per epoch (the lbfgs head's single row, then fine-tuning's epochs)."""
+    from conftest import make_dataset
+
+    from ursa.config import DataConfig, TrainConfig
+    from ursa.train.recipe import train_run
+
+    data = make_dataset(tmp_path / "data", classes=2, per_class=4)
+    got: list[dict] = []
+    res = train_run(data, tmp_path / "runs" / "r", data=DataConfig(seed=0), train=TrainConfig(size=64, views=2, fine_tune=1, batch_size=4), progress=False, events=got.append)
+    stages = [e["stage"] for e in got if e["type"] == "stage"]
+    assert stages == ["reading the dataset", "loading the backbone", "training the head", "fine-tuning", "writing the run folder"]
+    passes = {e["stage"] for e in got if e["type"] == "progress" and "(pass" in e["stage"]}
+    n = 2 + len(res.metrics["views"])  # plain + mirrored validation views, then the training views
+    assert {int(s.split("(pass ")[1].split("/")[0]) for s in passes} == set(range(1, n + 1))
+    assert all(s.endswith(f"/{n})") for s in passes) and any(s.startswith("features train view") for s in passes)
+    batches = [e for e in got if e["type"] == "progress" and e["stage"] == "fine_tune"]
+    assert batches and batches[-1]["done"] == batches[-1]["total"] and batches[-1]["epoch"] == batches[-1]["n_epoch"] == 1
+    epochs = [e for e in got if e["type"] == "epoch"]
+    assert [e["stage"] for e in epochs] == ["head", "fine_tune"] and all("valid_loss" in e and "error_rate" in e for e in epochs)
+    assert [e["stage"] for e in epochs] == [r["stage"] for r in res.history]

@@ -16,6 +16,7 @@ __all__ = [
     "ReviewError",
     "ExportError",
     "ServeError",
+    "StudioError",
     "LessonError",
     "BadImageError",
     "NotAnImageError",
@@ -63,6 +64,10 @@ class ExportError(UrsaError):
 
 class ServeError(UrsaError):
     """The web apps."""
+
+
+class StudioError(UrsaError):
+    """The studio: its project folder (class names, images, runs) and its jobs."""
 
 
 class LessonError(UrsaError):

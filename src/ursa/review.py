@@ -51,6 +51,8 @@ __all__ = [
     "dataset_labels",
     "apply_decisions",
     "undo_apply",
+    "update_cleaned",
+    "check_class_change",
 ]
 
 ACTIONS = ("keep", "relabel", "delete")
@@ -235,12 +237,7 @@ class Review:
                     if (self.root / dst).exists():
                         dst = QUARANTINE_DIR / f"{name}.{apply_id}"
                     moves.append({"name": name, "to": dst.as_posix(), "sha256": sha256_file(self.root / name)})
-            csv_path = self.root / CLEANED_CSV
-            backup = None
-            if csv_path.exists():
-                backup = (REVIEW_DIR / "backups" / f"cleaned-{apply_id}.csv").as_posix()
-                (self.root / backup).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(csv_path, self.root / backup)
+            backup = _backup_cleaned(self.root, apply_id)
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
             w.writerow(["name", "label"])
@@ -351,6 +348,103 @@ class Review:
                 shutil.copystat(backup, csv_path)
             self.log.append("unapply", id=line["id"], restored=[mv["name"] for mv in line["moves"]])
             return line
+
+
+def _backup_cleaned(root: Path, tag: str) -> str | None:
+    """Copy `root/cleaned.csv` (when there is one) to `.ursa/review/backups/cleaned-<tag>.csv`; its name
+    relative to the root, or None."""
+    csv_path = root / CLEANED_CSV
+    if not csv_path.exists():
+        return None
+    backup = (REVIEW_DIR / "backups" / f"cleaned-{tag}.csv").as_posix()
+    (root / backup).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(csv_path, root / backup)
+    return backup
+
+
+def check_class_change(root: str | Path, cls: str, *, what: str = "change") -> None:
+    """Raise ReviewError when pending review decisions name images of class `cls` (files under `cls/`, or a
+    relabel to `cls`): removing or renaming the class would leave them pointing nowhere. `what` ("remove",
+    "rename") words the message."""
+    st = Review(root).state()
+    named = sorted(n for n, d in st.decisions().items() if n.startswith(f"{cls}/") or (d.get("action") == "relabel" and d.get("label") == cls))
+    if named:
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        raise ReviewError(f"cannot {what} class {cls!r}: {len(named)} pending review decisions name its images ({shown}). Apply or undo them first.")
+
+
+def update_cleaned(root: str | Path, *, add: Any = (), drop_class: str | None = None, rename_class: tuple[str, str] | None = None) -> dict[str, Any] | None:
+    """Keep `root/cleaned.csv` in step with a change the studio made to the class folders.
+
+    `add`: (name, label) rows to append (names relative to the root; a name already listed is left as it
+    is); `drop_class`: remove the rows of a removed class (names under `<class>/`, and rows labelled with
+    it); `rename_class` (old, new): rename a class's rows (the `old/` name prefix and the label). Other
+    columns of the CSV are kept. Refuses (ReviewError) when pending review decisions name images of the
+    class dropped or renamed (see `check_class_change`), also when there is no cleaned.csv. Returns None
+    when there is no cleaned.csv, else the journal line (op "cleaned": `added`, `dropped` rows,
+    `renamed` count, `backup`, `sha256` of the new file); the old file is first copied to
+    `.ursa/review/backups/` as `apply` does, and the new one written atomically.
+    """
+    root = Path(root)
+    review = Review(root)
+    with review.locked():
+        for cls, what in ((drop_class, "remove"), (rename_class[0] if rename_class else None, "rename")):
+            if cls is not None:
+                check_class_change(root, cls, what=what)
+        csv_path = root / CLEANED_CSV
+        if not csv_path.is_file():
+            return None
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+                table = [r for r in csv.reader(fh)]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ReviewError(f"cannot read {csv_path} ({exc}). Fix it (columns name,label) or move it away, then try again.") from None
+        header = table[0] if table else ["name", "label"]
+        cols = [h.strip().lower() for h in header]
+        if "name" not in cols or "label" not in cols:
+            raise ReviewError(f"{csv_path} has columns {header}; it needs name and label. Fix its header, then try again.")
+        ni, li = cols.index("name"), cols.index("label")
+        rows = [r + [""] * (len(header) - len(r)) for r in table[1:] if any(c.strip() for c in r)]
+        dropped: list[list[str]] = []
+        renamed = 0
+        if drop_class is not None:
+            keep = []
+            for r in rows:
+                if r[ni].startswith(f"{drop_class}/") or r[li] == drop_class:
+                    dropped.append([r[ni], r[li]])
+                else:
+                    keep.append(r)
+            rows = keep
+        if rename_class is not None:
+            old, new = rename_class
+            for r in rows:
+                hit = False
+                if r[ni].startswith(f"{old}/"):
+                    r[ni], hit = f"{new}/{r[ni][len(old) + 1 :]}", True
+                if r[li] == old:
+                    r[li], hit = new, True
+                renamed += hit
+        listed = {r[ni] for r in rows}
+        added = []
+        for name, label in add:
+            if name not in listed:
+                listed.add(name)
+                row = [""] * len(header)
+                row[ni], row[li] = name, label
+                rows.append(row)
+                added.append([name, label])
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        data = buf.getvalue().encode("utf-8")
+        st = review.state()
+        tag = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{st.seq + 1}"
+        backup = _backup_cleaned(root, tag)
+        line = review.log.append("cleaned", added=added, dropped=dropped, renamed=renamed, rename=list(rename_class) if rename_class else None,
+                                 drop_class=drop_class, backup=backup, sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
+        atomic_write_bytes(csv_path, data)
+        return line
 
 
 def apply_decisions(root: str | Path) -> dict[str, Any]:

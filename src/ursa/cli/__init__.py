@@ -4,7 +4,7 @@ Each command fills a config dataclass and calls one library function; heavy impo
 command so `ursa --help` is instant. Any `UrsaError` becomes its message and exit code 2.
 
 The commands live in one module per stage (data, train, collect, verify, export, predict, serve,
-interpret, review, lesson); this module makes the app, registers them in the order `--help` lists
+interpret, review, studio, lesson); this module makes the app, registers them in the order `--help` lists
 them, and runs it.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from ursa.cli import collect, data, export, interpret, lesson, predict, review, serve, train, verify
+from ursa.cli import collect, data, export, interpret, lesson, predict, review, serve, studio, train, verify
 from ursa.cli._common import ARGV, err_console
 from ursa.errors import UrsaError
 
@@ -41,6 +41,7 @@ app.command("serve")(serve.serve_cmd)
 app.command("interpret")(interpret.interpret_cmd)
 app.command("issues")(interpret.issues_cmd)
 app.command("review")(review.review_cmd)
+app.command("studio")(studio.studio_cmd)
 app.add_typer(lesson.lesson_app, name="lesson")
 
 # Commands that run PyTorch over batches, where the allocator tuning pays. Not serve or review: a server must

@@ -35,10 +35,13 @@ __all__ = [
     "folder_classes",
     "inside_root",
     "check_name",
+    "OUTPUT_MARKER",
 ]
 
 TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "validation", "val")
+# A top-level folder holding a file of this name holds outputs (the studio's runs/ and models/), not a class.
+OUTPUT_MARKER = ".ursa-outputs"
 # Files that live beside images and are never images; skipped silently.
 
 
@@ -122,8 +125,9 @@ def _link_reason(root_abs: Path, path: Path) -> str | None:
 
 
 def _class_dirs(root: Path, top: Path, skipped: list[Skipped] | None = None) -> list[Path]:
-    """The class folders directly under `top` (= `root[/sub]`): not hidden, not symlinks. A folder
-    symlink or a dangling one becomes a `skipped` row; file symlinks here are ignored like files."""
+    """The class folders directly under `top` (= `root[/sub]`): not hidden, not symlinks, not holding an
+    `OUTPUT_MARKER` file (runs/ and models/ beside the classes). A folder symlink or a dangling one becomes
+    a `skipped` row; file symlinks here are ignored like files."""
     root_abs = root.resolve()
     out = []
     for p in sorted(top.iterdir()):
@@ -133,7 +137,7 @@ def _class_dirs(root: Path, top: Path, skipped: list[Skipped] | None = None) -> 
             if skipped is not None and not p.is_file():
                 skipped.append(Skipped(p.relative_to(root).as_posix(), _link_reason(root_abs, p) or "symlink"))
             continue
-        if p.is_dir():
+        if p.is_dir() and not (p / OUTPUT_MARKER).is_file():
             out.append(p)
     return out
 

@@ -34,7 +34,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -166,13 +166,17 @@ class Recorder(Callback):
 
 class ProgressCallback(Callback):
     """A Rich progress bar over batches and a printed row per epoch (the loss, the validation loss and every
-    metric); silent when `enabled` is False."""
+    metric); silent when `enabled` is False. `events` (None: none), whether enabled or not, is called with
+    {"type": "progress", "stage", "epoch", "n_epoch", "done", "total"} after each batch (done / total batches
+    of this fit) and {"type": "epoch", **the Recorder's row} after each epoch (the studio's live progress)."""
 
-    def __init__(self, *, enabled: bool = True, console: Any = None) -> None:
-        self.enabled, self.console = enabled, console
+    def __init__(self, *, enabled: bool = True, console: Any = None, events: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.enabled, self.console, self.events = enabled, console, events
         self._progress: Any = None
+        self._done = 0
 
     def before_fit(self, learn: Any) -> None:
+        self._done = 0
         if not self.enabled:
             return
         from rich.console import Console
@@ -184,10 +188,15 @@ class ProgressCallback(Callback):
         self._task = self._progress.add_task(f"{learn.stage}", total=learn.n_epoch * learn.batches_per_epoch, info="")
 
     def after_batch(self, learn: Any) -> None:
+        self._done += 1
+        if self.events is not None:
+            self.events({"type": "progress", "stage": learn.stage, "epoch": learn.epoch + 1, "n_epoch": learn.n_epoch, "done": self._done, "total": learn.n_epoch * learn.batches_per_epoch})
         if self._progress is not None:
             self._progress.update(self._task, advance=1, info=f"loss {learn.last_loss:.4f}")
 
     def after_epoch(self, learn: Any) -> None:
+        if self.events is not None and learn.recorder.rows:
+            self.events({"type": "epoch", **learn.recorder.rows[-1]})  # the Recorder runs first: this epoch's row
         if self._progress is None:
             return
         m = learn.last_metrics
@@ -203,14 +212,17 @@ class ProgressCallback(Callback):
 class FeatureProgress:
     """One Rich progress bar per pass over the data that is not an epoch (a feature-extraction view, the
     lr_find sweep); `update(label, done, total)` is the progress function `ursa.train.features.cached_features`
-    takes. Silent when `enabled` is False."""
+    takes. Silent when `enabled` is False; `events` (None: none), whether enabled or not, is called with
+    {"type": "progress", "stage": label, "done", "total"} on every update."""
 
-    def __init__(self, *, enabled: bool, console: Any = None):
-        self.enabled, self.console = enabled, console
+    def __init__(self, *, enabled: bool, console: Any = None, events: Callable[[dict[str, Any]], None] | None = None):
+        self.enabled, self.console, self.events = enabled, console, events
         self._p: Any = None
         self._tasks: dict[str, Any] = {}
 
     def update(self, label: str, done: int, total: int) -> None:
+        if self.events is not None:
+            self.events({"type": "progress", "stage": label, "done": done, "total": total})
         if not self.enabled:
             return
         if self._p is None:

@@ -413,10 +413,12 @@ def cached_features(split: Split, backbone: Backbone, cfg: TrainConfig, data_cfg
         failed.update({s.name: s for s in fs.failed})
         return fs
 
+    # each label says which pass of how many, so a listener can turn a pass's done/total into an overall fraction
+    n_pass = len(eval_views) + len(views)
     va_names = [it.name for it in split.valid]
-    va_sets = [get(va_names, v, f"features valid view {v}") for v in eval_views]
+    va_sets = [get(va_names, v, f"features valid view {v} (pass {k + 1}/{n_pass})") for k, v in enumerate(eval_views)]
     tr_names = [it.name for it in split.train]
-    tr_sets = [get(tr_names, v, f"features train view {v}") for v in views]
+    tr_sets = [get(tr_names, v, f"features train view {v} (pass {len(eval_views) + k + 1}/{n_pass})") for k, v in enumerate(views)]
     bad = set(failed)
     label = {it.name: it.label for it in [*split.train, *split.valid]}
     index = {c: i for i, c in enumerate(split.classes)}

@@ -146,6 +146,7 @@ class Learner:
         ddp: bool = False,
         source: str = NETWORK,
         console: Any = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.metrics: dict[str, Metric] = as_metrics(metrics)  # first: a wrong type fails before anything is built
         if precision not in ("fp32", "bf16", "fp16"):
@@ -160,6 +161,7 @@ class Learner:
         self.stage = "head" if stage is None else stage
         self.source = source
         self.progress, self.console = progress, console  # console: where Rich draws the progress (None: its default)
+        self.events = events  # called with progress and epoch dicts (see ProgressCallback); None: none
         self.preprocess = preprocess
         # BatchNorm layers of `bn_eval` keep their running statistics while training (their scale and
         # shift still learn): small batches of a new domain would otherwise overwrite ImageNet's
@@ -175,7 +177,7 @@ class Learner:
             self.model.to(self.device)
         self.recorder = Recorder()
         scale_out = [*([ChannelsLast()] if channels_last else []), *([MixedPrecision(precision)] if precision != "fp32" else []), *([DistributedTraining()] if ddp else [])]
-        self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress, console=console), *scale_out, *cbs]
+        self.cbs: list[Callback] = [self.recorder, ProgressCallback(enabled=progress, console=console, events=events), *scale_out, *cbs]
         self.frozen_to = 0
         self.training = False
         self.last_loss = self.last_lr = self.epoch_train_loss = float("nan")
@@ -228,7 +230,7 @@ class Learner:
         if im.fd is None:
             if _digest(im.backbone.model) != im.body_digest:
                 raise TrainError("the body has changed since this learner was made (trained after unfreeze(), or loaded), so its features are not the cached ones. Make a new learner with vision_learner to use the cache.")
-            bar = FeatureProgress(enabled=self.progress and dist.is_main(), console=self.console)
+            bar = FeatureProgress(enabled=self.progress and dist.is_main(), console=self.console, events=self.events)
             try:
                 im.fd = cached_features(self.dls.split, im.backbone, im.train, im.data, progress=bar.update, device=self.device or "cpu")
             finally:
@@ -261,7 +263,7 @@ class Learner:
             gen = torch.Generator().manual_seed(seed)
             train_dl = DataLoader(TensorDataset(fd.x_train, fd.y_train), batch_size=bs, shuffle=True, generator=gen, drop_last=len(fd.y_train) > bs)
             valid_dl = DataLoader(TensorDataset(fd.x_valid[0], fd.y_valid), batch_size=512)
-            hl = Learner(im.head, train_dl, valid_dl, classes=self.classes, metrics=self.metrics, path=self.path, progress=self.progress, stage="head", source=CACHED, console=self.console)
+            hl = Learner(im.head, train_dl, valid_dl, classes=self.classes, metrics=self.metrics, path=self.path, progress=self.progress, stage="head", source=CACHED, console=self.console, events=self.events)
             hl.recorder = self.recorder
             hl.cbs[0] = self.recorder
             im.head_learner = hl
@@ -351,12 +353,19 @@ class Learner:
         feature cache by L-BFGS (`ursa.train.head.fit_linear_head`; no learning rate, no epochs; `c` is
         the inverse L2 strength). Needs the cache: a frozen image learner, or a Learner over cached features."""
         if self.source == CACHED:
-            return fit_linear_head(self, c=c, max_iter=max_iter)
+            fit_linear_head(self, c=c, max_iter=max_iter)
+            return self._emit_row()
         if not self.uses_cache:
             raise TrainError("fit_lbfgs fits the head on cached features: it needs an image learner (vision_learner) with its cache on, its body frozen (freeze()) and not trained since. Use fit_one_cycle to train the network.")
         hl = self._head_learner()
         fit_linear_head(hl, c=c, max_iter=max_iter)
         self.last_metrics = {k: v for k, v in self.recorder.rows[-1].items() if k == "valid_loss" or k in self.metrics}
+        self._emit_row()
+
+    def _emit_row(self) -> None:
+        """`events` gets the row of a fit solved in one go (no epochs for ProgressCallback to report)."""
+        if self.events is not None and self.recorder.rows:
+            self.events({"type": "epoch", **self.recorder.rows[-1]})
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -504,7 +513,7 @@ class Learner:
         # noise looks like a 4x divergence (a trained learner stopped after 2 batches), so the best loss
         # the rule compares with is taken from a little way in
         warmup = max(4, num_it // 10)
-        bar = FeatureProgress(enabled=self.progress and dist.is_main(), console=self.console)
+        bar = FeatureProgress(enabled=self.progress and dist.is_main(), console=self.console, events=self.events)
         self._train_mode()
         self.training, it = True, 0
         try:

@@ -88,17 +88,19 @@ def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: Train
     return learn
 
 
-def recipe_learner(split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, *, out: Path, progress: bool = True, console: Any = None, device: torch.device = torch.device("cpu")) -> Learner:
+def recipe_learner(split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, *, out: Path, progress: bool = True, console: Any = None, device: torch.device = torch.device("cpu"),
+                   events: Callable[[dict[str, Any]], None] | None = None) -> Learner:  # fmt: skip
     """The image Learner a TrainConfig describes: `vision_learner` on `split`'s DataBunch (fine-tuning's
     batch size, input side, workers and augmentation) with the config's cache views, head batch size,
-    dropout, weight decay and label smoothing, device, precision (when fine-tuning), channels-last and DDP."""
+    dropout, weight decay and label smoothing, device, precision (when fine-tuning), channels-last and DDP.
+    `events` receives progress and epoch dicts (see `ursa.train.callbacks.ProgressCallback`)."""
     from ursa.data.loaders import ImageDataLoaders
 
     dls = ImageDataLoaders.from_split(split, backbone.data_config, bs=train.batch_size, flip=data.flip, size=train.fine_tune_size, num_workers=train.num_workers, aug=data.aug)
     precision = dist.choose_precision(train.precision, device)[0] if train.fine_tune > 0 else "fp32"
     channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
     return vision_learner(dls, backbone, train=train, data=data, dropout=train.dropout, path=out, progress=progress, console=console, wd=train.wd, label_smoothing=train.label_smoothing,
-                          device=device, precision=precision, channels_last=channels_last, ddp=dist.world_size() > 1)  # fmt: skip
+                          device=device, precision=precision, channels_last=channels_last, ddp=dist.world_size() > 1, events=events)  # fmt: skip
 
 
 def _tta_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -127,10 +129,16 @@ def train_run(
     console: Any = None,
     backbone: Backbone | None = None,
     split: Split | None = None,
+    events: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train with the default recipe and write the run folder. Everything that can fail on bad input
     (dataset, weights) is checked first, and the run folder appears only once the run has succeeded,
-    complete (`out`, or `out-2`, ... when that already holds a run; see `RunResult.out`)."""
+    complete (`out`, or `out-2`, ... when that already holds a run; see `RunResult.out`).
+
+    `events` (None: none) is called with dicts as the run goes: {"type": "stage", "stage"} at each step,
+    {"type": "progress", "stage", "done", "total"} per feature chunk and per batch (feature passes are
+    labelled "features train view 2 (pass 3/12)"), {"type": "epoch", **history row} per epoch."""
+    say = events or (lambda ev: None)
     t0 = time.perf_counter()
     if train.head not in ("lbfgs", "one_cycle"):
         raise TrainError(f"unknown head solver {train.head!r}; use 'lbfgs' or 'one_cycle'.")
@@ -140,10 +148,12 @@ def train_run(
     device = dist.pick_device(train.device)
     dist.init(device)
     progress = progress and dist.is_main()
+    say({"type": "stage", "stage": "reading the dataset"})
     split = split or build_split(root, data)
+    say({"type": "stage", "stage": "loading the backbone"})
     backbone = prepare_backbone(train, backbone)
     out = Path(out)  # nothing is written there until the run has succeeded (see _publish_run)
-    learn = recipe_learner(split, backbone, train, data, out=out, progress=progress, console=console, device=device)
+    learn = recipe_learner(split, backbone, train, data, out=out, progress=progress, console=console, device=device, events=events)
 
     t_feat = time.perf_counter()
     fd = learn.features()
@@ -153,6 +163,7 @@ def train_run(
         raise TrainError(f"no validation image could be decoded ({len(fd.failed)} files failed; {first}). Check them with `ursa verify {split.root}`, then train again.")
 
     # ---- stage 1: the head on cached features (the body is frozen) ----
+    say({"type": "stage", "stage": "training the head"})
     if train.head == "lbfgs":
         learn.fit_lbfgs(c=train.c)
     else:
@@ -166,6 +177,7 @@ def train_run(
     # ---- stage 2 (optional): full fine-tuning on images ----
     runtime: dict[str, Any] = {"device": str(device), "world_size": dist.world_size()}
     if train.fine_tune > 0:
+        say({"type": "stage", "stage": "fine-tuning"})
         probs = _fine_tune(learn, split, fd, train, data, device=device, runtime=runtime)
         stage = "fine_tune"
     model.cpu().eval()
@@ -187,6 +199,7 @@ def train_run(
         "feature_s": round(feat_s, 2),
         "wall_s": round(wall, 2),
     }
+    say({"type": "stage", "stage": "writing the run folder"})
     if dist.is_main():
         out = _publish_run(out, lambda folder: _write_run(folder, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime))
     out = dist.broadcast(out)  # rank 0's folder, so every rank names the same one

@@ -16,7 +16,8 @@ bombs), anything that is not an image gets 415 and a damaged image 422, each wit
 and `max_queue` more are admitted, a new one gets 503 at once, its body never read. Admitted bodies are
 streamed into temporary files that stay in memory up to 1 MiB and go to disk beyond, and are read back
 whole only inside the inference slot, so memory holds at most `concurrency` full uploads.
-Every route is behind `ursa.web.security.WebGuard` (Host, Origin, token).
+Every route is behind `ursa.web.security.WebGuard` (Host, Origin, token). `add_predict_route` puts the
+same prediction route on another app (the studio's `/api/predict`, whose model changes as it trains).
 
 This module imports only `ursa.export` and `ursa.errors` from Ursa: serving never needs the training code.
 """
@@ -41,7 +42,7 @@ from ursa.errors import BadImageError, ImageTooLargeError, NotAnImageError, Serv
 from ursa.export import MAX_PIXELS, Predictor
 from ursa.web.security import protect
 
-__all__ = ["create_predict_app", "serve", "default_workers", "PredictionOut", "MAX_UPLOAD_BYTES"]
+__all__ = ["MAX_UPLOAD_BYTES", "PredictionOut", "add_predict_route", "create_predict_app", "default_workers", "serve"]
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD_BYTES = 10 * 2**20  # default request body limit: 10 MiB
@@ -111,6 +112,117 @@ def default_workers(cpus: int | None = None) -> tuple[int, int]:
     return concurrency, max(1, cpus // concurrency)
 
 
+def add_predict_route(
+    app: FastAPI,
+    path: str,
+    get_predictor: Callable[[], Predictor],
+    *,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    concurrency: int = 1,
+    max_queue: int = 64,
+    responses: dict[int | str, dict[str, Any]] | None = None,
+) -> None:
+    """Add `POST path` to `app`: one image (multipart field `file`, or the raw body) -> `PredictionOut` JSON.
+
+    The upload handling of the module docstring: 413 over `max_upload_bytes` (from Content-Length before
+    the body is read, and while reading), admission before the body is read (`concurrency` predictions
+    at once, `max_queue` more admitted, 503 beyond), bodies spooled to temporary files and read back whole
+    only inside an inference slot; 415 / 422 / 413 for a non-image, a damaged image, too many pixels.
+
+    `get_predictor()` is called in a worker thread inside the inference slot, once per request, and may
+    load a model (the studio loads its latest export lazily) or raise an `UrsaError` other than the image
+    errors, which goes to `app`'s exception handlers (the studio answers 409 "train a model first").
+    `responses` documents such extra answers in OpenAPI. `app`'s guard must list `path` among its raw
+    body paths (`ursa.web.security.protect`).
+    """
+    if max_upload_bytes < 1 or max_queue < 0 or concurrency < 1:
+        raise ServeError("the upload limit and concurrency must be positive and the queue length at least 0.")
+    gate = asyncio.Semaphore(concurrency)
+    admitted = 0  # requests reading their body, waiting for a slot or running
+    too_big = f"the upload is over the limit of {max_upload_bytes / 2**20:g} MiB. Send a smaller image (resize it to a few megapixels)."
+
+    async def spool_upload(request: Request, multipart: bool) -> tuple[IO[bytes], list[Callable[[], Any]]]:
+        """The image (multipart field `file`, or the whole body) in a temporary file, read with a bounded
+        streaming read; and what to call to release it."""
+        limit = max_upload_bytes + (_MULTIPART_SLACK if multipart else 0)
+        received = 0
+
+        async def receive() -> Any:
+            nonlocal received
+            message = await request.receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        limited = Request(request.scope, receive)
+        try:
+            if not multipart:
+                spool: IO[bytes] = SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the caller
+                try:
+                    async for chunk in limited.stream():
+                        spool.write(chunk)
+                except BaseException:
+                    spool.close()
+                    raise
+                return spool, [spool.close]
+            # Starlette's parser streams file parts into its own 1 MiB spooled files; other fields are small.
+            form = await limited.form(max_files=1, max_fields=16, max_part_size=_MAX_FIELD_BYTES)
+        except _TooLarge:
+            raise _Fail(413, too_big, close=True) from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            await form.close()
+            raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
+        return upload.file, [form.close]  # closes the upload's file too
+
+    def predict_spooled(src: IO[bytes], top_k: int) -> dict[str, Any]:
+        """Read the upload back and predict (in a worker thread, inside an inference slot)."""
+        size = src.seek(0, os.SEEK_END)
+        if size > max_upload_bytes:
+            raise _Fail(413, too_big)
+        if size == 0:
+            raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
+        predictor = get_predictor()
+        src.seek(0)
+        return {**predictor.predict_image(src.read(), top_k=top_k).to_dict(), "threshold": predictor.threshold}
+
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
+        """Classify one image: its label (or "none of these"), probability and the top classes."""
+        nonlocal admitted
+        try:
+            multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + (_MULTIPART_SLACK if multipart else 0):
+                raise _Fail(413, too_big, close=True)  # before a byte of the body is read
+            if admitted >= concurrency + max_queue:  # admission before the body is read
+                raise _Fail(503, "the server is busy. Retry in a moment.", close=declared is None)
+            admitted += 1
+            try:
+                src, release = await spool_upload(request, multipart)
+                try:
+                    async with gate:
+                        return await run_in_threadpool(predict_spooled, src, top_k)
+                finally:
+                    for close in release:
+                        result = close()
+                        if asyncio.iscoroutine(result):
+                            await result
+            finally:
+                admitted -= 1
+        except _Fail as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"connection": "close"} if exc.close else None)
+        except ImageTooLargeError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        except NotAnImageError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=415)
+        except BadImageError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    app.add_api_route(path, predict, methods=["POST"], response_model=PredictionOut, openapi_extra=_BODY_DOC, responses={**_ERRORS_DOC, **(responses or {})})
+
+
 def create_predict_app(
     model: str | os.PathLike[str] | Predictor,
     *,
@@ -152,8 +264,6 @@ def create_predict_app(
     protect(app, host=host, token=token, raw_body_paths={"/predict"}, error_key="detail")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    gate = asyncio.Semaphore(concurrency)
-    admitted = 0  # requests reading their body, waiting for a slot or running
     limit_mb = max_upload_bytes / 2**20
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -173,88 +283,7 @@ def create_predict_app(
         """The export's model.json: classes, architecture, preprocessing, open-set threshold, metrics, versions, file hashes."""
         return meta
 
-    too_big = f"the upload is over the limit of {limit_mb:g} MiB. Send a smaller image (resize it to a few megapixels)."
-
-    async def spool_upload(request: Request, multipart: bool) -> tuple[IO[bytes], list[Callable[[], Any]]]:
-        """The image (multipart field `file`, or the whole body) in a temporary file, read with a bounded
-        streaming read; and what to call to release it."""
-        limit = max_upload_bytes + (_MULTIPART_SLACK if multipart else 0)
-        received = 0
-
-        async def receive() -> Any:
-            nonlocal received
-            message = await request.receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooLarge
-            return message
-
-        limited = Request(request.scope, receive)
-        try:
-            if not multipart:
-                spool: IO[bytes] = SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the caller
-                try:
-                    async for chunk in limited.stream():
-                        spool.write(chunk)
-                except BaseException:
-                    spool.close()
-                    raise
-                return spool, [spool.close]
-            # Starlette's parser streams file parts into its own 1 MiB spooled files; other fields are small.
-            form = await limited.form(max_files=1, max_fields=16, max_part_size=_MAX_FIELD_BYTES)
-        except _TooLarge:
-            raise _Fail(413, too_big, close=True) from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            await form.close()
-            raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
-        return upload.file, [form.close]  # closes the upload's file too
-
-    def predict_spooled(src: IO[bytes], top_k: int) -> Any:
-        """Read the upload back and predict (in a worker thread, inside an inference slot)."""
-        size = src.seek(0, os.SEEK_END)
-        if size > max_upload_bytes:
-            raise _Fail(413, too_big)
-        if size == 0:
-            raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
-        src.seek(0)
-        return predictor.predict_image(src.read(), top_k=top_k)
-
-    @app.post("/predict", response_model=PredictionOut, openapi_extra=_BODY_DOC, responses=_ERRORS_DOC)
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
-        """Classify one image: its label (or "none of these"), probability and the top classes."""
-        nonlocal admitted
-        try:
-            multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + (_MULTIPART_SLACK if multipart else 0):
-                raise _Fail(413, too_big, close=True)  # before a byte of the body is read
-            if admitted >= concurrency + max_queue:  # admission before the body is read
-                raise _Fail(503, "the server is busy. Retry in a moment.", close=declared is None)
-            admitted += 1
-            try:
-                src, release = await spool_upload(request, multipart)
-                try:
-                    async with gate:
-                        pred = await run_in_threadpool(predict_spooled, src, top_k)
-                finally:
-                    for close in release:
-                        result = close()
-                        if asyncio.iscoroutine(result):
-                            await result
-            finally:
-                admitted -= 1
-        except _Fail as exc:
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"connection": "close"} if exc.close else None)
-        except ImageTooLargeError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=413)
-        except NotAnImageError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=415)
-        except BadImageError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
-        return {**pred.to_dict(), "threshold": predictor.threshold}
-
+    add_predict_route(app, "/predict", lambda: predictor, max_upload_bytes=max_upload_bytes, concurrency=concurrency, max_queue=max_queue)
     return app
 
 

@@ -1,6 +1,8 @@
 """The review page: flagged images grouped by kind, with keep / relabel / delete, saved as they are made.
 
-`create_review_app(root, run_dir)` reads the run's `issues.csv` (see `ursa.interpret.issues`) and serves:
+`create_review_app(root, run_dir)` reads the run's `issues.csv` (see `ursa.interpret.issues`) into a
+`ReviewSession` (the state and the decide / undo / apply / undo-apply / image logic, which the studio
+serves too) and serves:
 
 - `GET /` the page (plain HTML + JS, no build step), `GET /api/state` everything it shows;
 - `GET /img/{id}` an image by its id (12 hex digits derived from its name): only images listed in
@@ -18,6 +20,7 @@ behind `ursa.web.security.WebGuard`: a foreign Host or Origin gets 403, a POST t
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from ursa.interpret.issues import KIND_TITLES, KINDS, read_issues
 from ursa.review import QUARANTINE_DIR, Review, ReviewConflict, dataset_labels
 from ursa.web.security import protect
 
-__all__ = ["create_review_app", "image_id"]
+__all__ = ["ReviewRequestError", "ReviewSession", "create_review_app", "image_id"]
 
 HERE = Path(__file__).resolve().parent
 _ID = re.compile(r"^[0-9a-f]{12}$")
@@ -44,59 +47,62 @@ def image_id(name: str) -> str:
     return hashlib.sha1(name.encode("utf-8")).hexdigest()[:12]
 
 
-class _Error(Exception):
+class ReviewRequestError(ReviewError):
+    """A request the review session refuses; `status` is the HTTP status to answer with (400, 403, 404, 409)."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
-    """The review app for dataset `root` and the findings in `run_dir/issues.csv`, to be served on `host`
-    (loopback unless a `token` is given)."""
-    root = Path(root)
-    review = Review(root)
-    try:
-        rows = read_issues(run_dir)
-    except UrsaError as exc:
-        raise ReviewError(str(exc)) from None
-    labels_now = dataset_labels(root)
-    import json
+class ReviewSession:
+    """The review of one run's findings (`run_dir/issues.csv`) over dataset `root`, for any web app.
 
-    cfg_path = Path(run_dir) / "config.json"
-    classes = list(json.loads(cfg_path.read_text(encoding="utf-8")).get("classes", [])) if cfg_path.is_file() else []
-    classes = sorted(set(classes) | set(labels_now.values())) if not classes else classes
-    items: dict[str, dict[str, Any]] = {}
-    groups: dict[str, list[str]] = {k: [] for k in KINDS}
-    for r in rows:
-        name = r["name"]
-        iid = image_id(name)
-        it = items.setdefault(iid, {"id": iid, "name": name, "label": labels_now.get(name, r["label"]), "split": r["split"], "findings": []})
-        it["findings"].append({k: r.get(k, "") for k in ("kind", "suggested", "confidence", "score", "group", "detail")})
-        if r["kind"] in groups and iid not in groups[r["kind"]]:
-            groups[r["kind"]].append(iid)
-    names = {iid: it["name"] for iid, it in items.items()}
-    current = {"labels": labels_now}  # the dataset as it stands; re-read after an apply or its undo
+    Holds what the page shows (the findings grouped by kind, each image with its id, label, decision and
+    version) and turns requests into `ursa.review.Review` calls (the journal is the state: two sessions,
+    or two tabs, on the same root see each other's decisions). Every refusal is a `ReviewRequestError`
+    with its HTTP status. Raises ReviewError when issues.csv cannot be read.
+    """
 
-    app = FastAPI(title="Ursa review", docs_url=None, redoc_url=None, openapi_url=None)
-    protect(app, host=host, token=token, error_key="error")
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
-    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    def __init__(self, root: str | Path, run_dir: str | Path):
+        self.root = Path(root)
+        self.run_dir = Path(run_dir)
+        self.review = Review(self.root)
+        try:
+            rows = read_issues(self.run_dir)
+        except UrsaError as exc:
+            raise ReviewError(str(exc)) from None
+        labels_now = dataset_labels(self.root)
+        cfg_path = self.run_dir / "config.json"
+        classes = list(json.loads(cfg_path.read_text(encoding="utf-8")).get("classes", [])) if cfg_path.is_file() else []
+        self.classes: list[str] = classes or sorted(set(labels_now.values()))
+        self.items: dict[str, dict[str, Any]] = {}  # id -> {id, name, label (at load), split, findings}
+        self.groups: dict[str, list[str]] = {k: [] for k in KINDS}  # kind -> ids, in issues.csv order
+        for r in rows:
+            name = r["name"]
+            iid = image_id(name)
+            it = self.items.setdefault(iid, {"id": iid, "name": name, "label": labels_now.get(name, r["label"]), "split": r["split"], "findings": []})
+            it["findings"].append({k: r.get(k, "") for k in ("kind", "suggested", "confidence", "score", "group", "detail")})
+            if r["kind"] in self.groups and iid not in self.groups[r["kind"]]:
+                self.groups[r["kind"]].append(iid)
+        self.names = {iid: it["name"] for iid, it in self.items.items()}
+        self.labels_now = labels_now  # the dataset as it stands; re-read after an apply or its undo
 
-    @app.exception_handler(_Error)
-    async def _err(request: Request, exc: _Error) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
-    def lookup(iid: Any) -> str:
+    def lookup(self, iid: Any) -> str:
+        """The image name of id `iid`; 400 for a malformed id, 404 for one not among the findings."""
         if not isinstance(iid, str) or not _ID.match(iid):
-            raise _Error(400, f"bad image id {str(iid)[:80]!r}: ids are 12 hex digits, as /api/state lists them.")
-        if iid not in names:
-            raise _Error(404, f"unknown image id {iid}: it is not among this run's findings. Reload the page.")
-        return names[iid]
+            raise ReviewRequestError(400, f"bad image id {str(iid)[:80]!r}: ids are 12 hex digits, as /api/state lists them.")
+        if iid not in self.names:
+            raise ReviewRequestError(404, f"unknown image id {iid}: it is not among this run's findings. Reload the page.")
+        return self.names[iid]
 
-    def item_state(iid: str, st: Any) -> dict[str, Any]:
-        it = items[iid]
+    def item_state(self, iid: str, st: Any = None) -> dict[str, Any]:
+        """One image as the page shows it: the load-time fields plus current label, decision and version
+        (`st`: a `ursa.review.ReviewState` already read, to list many images from one read)."""
+        st = st or self.review.state()
+        it = self.items[iid]
         d = st.decision(it["name"])
-        now = current["labels"].get(it["name"])
+        now = self.labels_now.get(it["name"])
         return {
             **it,
             "label": now or it["label"],
@@ -105,87 +111,126 @@ def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127
             "decision": ({"action": d["action"], "label": d.get("label")} if d else None),
         }
 
-    def snapshot() -> dict[str, Any]:
-        st = review.state()
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows: root, run, classes, kinds (with ids), items by id, pending and applied counts."""
+        st = self.review.state()
         return {
-            "root": str(root),
-            "run": str(run_dir),
-            "classes": classes,
-            "kinds": [{"kind": k, "title": KIND_TITLES[k][0], "help": KIND_TITLES[k][1], "ids": groups[k]} for k in KINDS if groups[k]],
-            "items": {iid: item_state(iid, st) for iid in items},
+            "root": str(self.root),
+            "run": str(self.run_dir),
+            "classes": self.classes,
+            "kinds": [{"kind": k, "title": KIND_TITLES[k][0], "help": KIND_TITLES[k][1], "ids": self.groups[k]} for k in KINDS if self.groups[k]],
+            "items": {iid: self.item_state(iid, st) for iid in self.items},
             "pending": len(st.decisions()),
             "applied": len(st.applies),
         }
 
+    def image_path(self, iid: Any) -> Path:
+        """The file of image `iid`, in the dataset or (once applied) its quarantine; 403 outside the root, 404 when gone."""
+        name = self.lookup(iid)
+        for path in (self.root / name, self.root / QUARANTINE_DIR / name):
+            if not inside_root(self.root.resolve(), path):
+                raise ReviewRequestError(403, f"image {iid} points outside the dataset root; it is not served.")
+            if path.is_file():
+                return path
+        raise ReviewRequestError(404, f"{name} is no longer in {self.root} nor in its quarantine.")
+
+    def decide(self, iid: Any, action: Any, *, label: Any = None, version: Any = None) -> dict[str, Any]:
+        """Record a decision on image `iid` (action keep / relabel / delete, `label` for relabel); `version` the
+        image's version the client saw (409 when another decision came first). -> {item, pending}."""
+        name = self.lookup(iid)
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ReviewRequestError(400, "version must be an integer (the image's version from /api/state).")
+        try:
+            self.review.decide(name, str(action), label=label, current=self.items[image_id(name)]["label"], expected_version=version, labels=self.classes)
+        except ReviewConflict as exc:
+            raise ReviewRequestError(409, str(exc)) from None
+        except ReviewError as exc:
+            raise ReviewRequestError(400, str(exc)) from None
+        st = self.review.state()
+        return {"item": self.item_state(image_id(name), st), "pending": len(st.decisions())}
+
+    def undo(self) -> dict[str, Any]:
+        """Take back the latest decision (409 when there is none). -> {item (None if not a finding), pending}."""
+        try:
+            line = self.review.undo()
+        except ReviewError as exc:
+            raise ReviewRequestError(409, str(exc)) from None
+        st = self.review.state()
+        iid = image_id(line["name"])
+        return {"item": self.item_state(iid, st) if iid in self.items else None, "pending": len(st.decisions())}
+
+    def apply(self) -> dict[str, Any]:
+        """Apply the decisions: cleaned.csv written, deletions quarantined (409 when refused).
+        -> {applied, counts, n_images, csv, quarantined}."""
+        try:
+            line = self.review.apply()
+        except ReviewError as exc:
+            raise ReviewRequestError(409, str(exc)) from None
+        self.labels_now = dataset_labels(self.root)
+        return {"applied": line["id"], "counts": line["counts"], "n_images": line["n_images"], "csv": str(self.root / line["csv"]["path"]), "quarantined": [m["name"] for m in line["moves"]]}
+
+    def undo_apply(self) -> dict[str, Any]:
+        """Undo the last apply, restoring the dataset (409 when there is none). -> {undone, restored}."""
+        try:
+            line = self.review.undo_apply()
+        except ReviewError as exc:
+            raise ReviewRequestError(409, str(exc)) from None
+        self.labels_now = dataset_labels(self.root)
+        return {"undone": line["id"], "restored": [m["name"] for m in line["moves"]]}
+
+
+def create_review_app(root: str | Path, run_dir: str | Path, *, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
+    """The review app for dataset `root` and the findings in `run_dir/issues.csv`, to be served on `host`
+    (loopback unless a `token` is given)."""
+    session = ReviewSession(root, run_dir)
+
+    app = FastAPI(title="Ursa review", docs_url=None, redoc_url=None, openapi_url=None)
+    protect(app, host=host, token=token, error_key="error")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.exception_handler(ReviewRequestError)
+    async def _err(request: Request, exc: ReviewRequestError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request) -> Any:
-        return templates.TemplateResponse(request, "review.html", {"root": str(root), "run": str(run_dir)})
+        return templates.TemplateResponse(request, "review.html", {"root": str(session.root), "run": str(session.run_dir)})
 
     @app.get("/api/state")
     def state() -> dict[str, Any]:
-        return snapshot()
+        return session.snapshot()
 
     @app.get("/img/{iid}")
     def image(iid: str) -> FileResponse:
-        name = lookup(iid)
-        for path in (root / name, root / QUARANTINE_DIR / name):
-            if not inside_root(root.resolve(), path):
-                raise _Error(403, f"image {iid} points outside the dataset root; it is not served.")
-            if path.is_file():
-                return FileResponse(path, headers={"Cache-Control": "no-store"})
-        raise _Error(404, f"{name} is no longer in {root} nor in its quarantine.")
-
-    async def body(request: Request) -> dict[str, Any]:
-        try:
-            data = await request.json()
-        except ValueError:
-            raise _Error(400, "the request body must be JSON.") from None
-        if not isinstance(data, dict):
-            raise _Error(400, "the request body must be a JSON object.")
-        return data
+        return FileResponse(session.image_path(iid), headers={"Cache-Control": "no-store"})
 
     @app.post("/api/decide")
     async def decide(request: Request) -> dict[str, Any]:
-        data = await body(request)
-        name = lookup(data.get("id"))
-        version = data.get("version")
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise _Error(400, "version must be an integer (the image's version from /api/state).")
-        try:
-            review.decide(name, str(data.get("action")), label=data.get("label"), current=items[image_id(name)]["label"], expected_version=version, labels=classes)
-        except ReviewConflict as exc:
-            raise _Error(409, str(exc)) from None
-        except ReviewError as exc:
-            raise _Error(400, str(exc)) from None
-        st = review.state()
-        return {"item": item_state(image_id(name), st), "pending": len(st.decisions())}
+        data = await json_body(request)
+        return session.decide(data.get("id"), data.get("action"), label=data.get("label"), version=data.get("version"))
 
     @app.post("/api/undo")
     def undo() -> dict[str, Any]:
-        try:
-            line = review.undo()
-        except ReviewError as exc:
-            raise _Error(409, str(exc)) from None
-        st = review.state()
-        iid = image_id(line["name"])
-        return {"item": item_state(iid, st) if iid in items else None, "pending": len(st.decisions())}
+        return session.undo()
 
     @app.post("/api/apply")
     def apply() -> dict[str, Any]:
-        try:
-            line = review.apply()
-        except ReviewError as exc:
-            raise _Error(409, str(exc)) from None
-        current["labels"] = dataset_labels(root)
-        return {"applied": line["id"], "counts": line["counts"], "n_images": line["n_images"], "csv": str(root / line["csv"]["path"]), "quarantined": [m["name"] for m in line["moves"]]}
+        return session.apply()
 
     @app.post("/api/undo-apply")
     def undo_apply() -> dict[str, Any]:
-        try:
-            line = review.undo_apply()
-        except ReviewError as exc:
-            raise _Error(409, str(exc)) from None
-        current["labels"] = dataset_labels(root)
-        return {"undone": line["id"], "restored": [m["name"] for m in line["moves"]]}
+        return session.undo_apply()
 
     return app
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object body; ReviewRequestError 400 when it is not JSON or not an object."""
+    try:
+        data = await request.json()
+    except ValueError:
+        raise ReviewRequestError(400, "the request body must be JSON.") from None
+    if not isinstance(data, dict):
+        raise ReviewRequestError(400, "the request body must be a JSON object.")
+    return data

@@ -9,8 +9,10 @@ permission. `WebGuard` refuses, before the app sees the request:
 - a cross-site subresource (`Sec-Fetch-Site: cross-site` or `same-site` on anything but a top-level
   navigation): another page may link to ours but not embed its images or call its API;
 - a state-changing request (POST/PUT/PATCH/DELETE) without `Content-Type: application/json`, except on
-  the paths that take raw uploads (the prediction API): an HTML form cannot send JSON, and a cross-site
-  fetch that does needs a CORS preflight, which these apps never grant (415);
+  the paths that take raw uploads (the prediction API, the studio's image uploads): an HTML form cannot
+  send JSON, and a cross-site fetch that does needs a CORS preflight, which these apps never grant (415);
+  those paths are given exactly ("/predict") or as templates whose `{param}` segments match one
+  non-empty path segment each ("/api/classes/{name}/images");
 - when the app has a token (always on a non-loopback bind): any request without it (403). The token is
   accepted as `Authorization: Bearer TOKEN`, as a cookie, or as `?token=TOKEN`; a page opened with
   `?token=` is redirected to itself without it, with the token in an HttpOnly, SameSite=Strict cookie so
@@ -37,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from ursa.errors import ServeError
 
-__all__ = ["WebGuard", "protect", "is_loopback", "resolve_token", "check_token", "TOKEN_ENV", "LOOPBACK_NAMES"]
+__all__ = ["LOOPBACK_NAMES", "TOKEN_ENV", "WebGuard", "check_token", "is_loopback", "protect", "raw_path_matcher", "resolve_token"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -98,6 +100,40 @@ def protect(app: Any, *, host: str, token: str | None, raw_body_paths: Collectio
     app.add_middleware(WebGuard, host=host, token=token, raw_body_paths=raw_body_paths, error_key=error_key)
 
 
+_PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def raw_path_matcher(paths: Collection[str]) -> Callable[[str], bool]:
+    """A test `f(path) -> bool` for the request paths that `paths` names.
+
+    Each entry is an exact path ("/predict") or a template whose `{param}` segments each match exactly one
+    non-empty segment of the request path ("/api/classes/{name}/images" matches "/api/classes/cats/images",
+    not "/api/classes/images" nor "/api/classes/a/b/images"). A segment mixing text and a parameter
+    ("/x/{a}.zip") is taken literally: the guard only needs whole segments. ServeError for an entry that
+    does not start with '/'.
+    """
+    exact: set[str] = set()
+    templates: list[tuple[str, ...]] = []
+    for path in paths:
+        if not path.startswith("/"):
+            raise ServeError(f"raw body path {path!r} must start with '/' (a path such as /predict or /api/classes/{{name}}/images).")
+        parts = tuple(path.split("/"))
+        if any(_PARAM.match(p) for p in parts):
+            templates.append(parts)
+        else:
+            exact.add(path)
+
+    def matches(path: str) -> bool:
+        if path in exact:
+            return True
+        if not templates:
+            return False
+        got = path.split("/")
+        return any(len(got) == len(t) and all(bool(g) if _PARAM.match(want) else g == want for g, want in zip(got, t)) for t in templates)
+
+    return matches
+
+
 def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
@@ -106,7 +142,8 @@ class WebGuard:
     """ASGI middleware: Host, Origin, fetch-metadata, JSON and token checks (see the module docstring).
 
     `host` is the address the server binds; `raw_body_paths` are the paths whose POST takes a non-JSON
-    body (uploads); `error_key` names the field of the refusal's JSON body.
+    body (uploads), exact or as templates with `{param}` segments (see `raw_path_matcher`); `error_key`
+    names the field of the refusal's JSON body.
     """
 
     def __init__(
@@ -123,6 +160,7 @@ class WebGuard:
         self.loopback = is_loopback(host)
         self.token = token
         self.raw_body_paths = frozenset(raw_body_paths)
+        self.is_raw_body_path = raw_path_matcher(raw_body_paths)
         self.error_key = error_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,7 +204,7 @@ class WebGuard:
             navigation = scope["method"] in ("GET", "HEAD") and headers.get("sec-fetch-mode") == "navigate"
             if not navigation:
                 return 403, f"{site} request refused: only this server's own pages may call it."
-        if scope["method"] in _UNSAFE and scope["path"] not in self.raw_body_paths:
+        if scope["method"] in _UNSAFE and not self.is_raw_body_path(scope["path"]):
             ctype = _media_type(headers.get("content-type", ""))
             if ctype != "application/json":
                 return 415, f"this request needs a JSON body (Content-Type: application/json), not {ctype or 'no content type'}."
