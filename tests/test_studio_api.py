@@ -259,7 +259,7 @@ def _two_classes(client: TestClient, n: int = 2) -> None:
         ({"valid_pct": 1.5}, "valid"),
         ({"aug": "wild"}, "aug"),
         ({"fine_tune": True}, "fine_tune"),
-        ({"name": "../up"}, "run name"),
+        ({"name": "../up"}, "run folder"),
         ({"then": ["issues", "deploy"]}, "then"),
         ({"then": "export"}, "then"),
     ],
@@ -468,7 +468,7 @@ def test_empty_project_to_trained_model_to_zip(studio: TestClient) -> None:
         assert studio.get(f"/api/runs/{run}/files/{bad}").status_code == status, bad
     assert studio.get("/api/runs/nope").status_code == 404
 
-    # the jobs queued after training: issues, then export
+    # the jobs queued after training: export, then issues
     for j in studio.get("/api/jobs").json():
         if j["kind"] in ("issues", "export"):
             done = jobs.wait(j["id"], 300)

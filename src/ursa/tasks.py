@@ -31,7 +31,7 @@ from typing import Any
 
 from ursa.errors import UrsaError
 
-__all__ = ["main", "Events", "Cancelled", "RUNNERS"]
+__all__ = ["RUNNERS", "Cancelled", "Events", "main"]
 
 _THROTTLE_S = 0.1  # at most ten progress lines a second
 

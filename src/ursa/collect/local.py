@@ -25,7 +25,7 @@ from ursa._io import atomic_write_bytes, make_durable, sha256_file
 from ursa.errors import BadImageError, CollectError
 from ursa.imageio import NON_IMAGE_SUFFIXES, open_checked, sniff_image
 
-__all__ = ["Added", "SOURCES", "MAX_BYTES", "add_images", "stored_name"]
+__all__ = ["MAX_BYTES", "SOURCES", "Added", "add_images", "stored_name"]
 
 SOURCES = ("upload", "webcam", "paste")  # where the bytes came from: the first part of the stored name
 MAX_BYTES = 20 * 2**20  # largest body accepted by default (20 MiB), as CollectConfig.max_bytes

@@ -7,4 +7,4 @@ long work (train, issues, export, download), each job a child process (`python -
 
 from __future__ import annotations
 
-__all__ = ["project", "jobs"]
+__all__ = ["jobs", "project"]

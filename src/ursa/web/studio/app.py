@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -55,17 +54,17 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ursa.collect.local import Added
-from ursa.config import AUG_PRESETS, DataConfig, TrainConfig
+from ursa.config import AUG_PRESETS
 from ursa.errors import BadImageError, ImageTooLargeError, InterpretError, NotAnImageError, StudioError, UrsaError
 from ursa.export import Predictor
 from ursa.interpret.analysis import ClassificationInterpretation
 from ursa.web.predict_app import MAX_UPLOAD_BYTES, add_predict_route, default_workers
 from ursa.web.review_app import ReviewRequestError, ReviewSession
 from ursa.web.security import protect
-from ursa.web.studio.jobs import Jobs
+from ursa.web.studio.jobs import FOLLOW_UPS, STUDIO_ARCHS, TRAIN_DEFAULTS, Jobs, check_options
 from ursa.web.studio.project import Conflict, Forbidden, NotFound, Project
 
-__all__ = ["MAX_FILES", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES", "STUDIO_ARCHS", "TRAIN_OPTIONS", "create_studio_app"]
+__all__ = ["MAX_FILES", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES", "TRAIN_OPTIONS", "create_studio_app"]
 
 WEB = Path(__file__).resolve().parent.parent  # src/ursa/web: templates/ and static/
 MAX_FILES = 64  # image files in one upload request
@@ -74,11 +73,7 @@ MAX_FILE_BYTES = 20 * 2**20  # one image file: larger ones become a refused row
 MAX_URL_TEXT_BYTES = 2**20  # the body of a URL list
 _PART_SLACK = 4096  # bytes of multipart boundary and part headers allowed per file, beyond the request limit
 _SOURCES = ("upload", "webcam", "paste")
-# Backbones with weights inside Ursa's own wheels: the studio has no weights-file option, and the machine may be offline.
-STUDIO_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-_THEN = ("issues", "export")
 _FINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RUN_FILE_TYPES = {".png": "image/png", ".csv": "text/csv; charset=utf-8", ".json": "application/json"}
 _CSP = "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; style-src 'self'; script-src 'self'; connect-src 'self'"
 _SSE_POLL_S = 0.25
@@ -105,17 +100,18 @@ class EmptyIn(_Body):
 
 
 class TrainIn(_Body):
-    """Training options (all optional). The defaults train efficientnet_lite0 on the feature cache in seconds."""
+    """Training options, all optional: a missing or null one takes the studio's default (`TRAIN_DEFAULTS` of
+    `ursa.web.studio.jobs`, which checks them), which trains efficientnet_lite0 on the feature cache in seconds."""
 
-    arch: str = Field("efficientnet_lite0", description=f"Backbone: one of {', '.join(STUDIO_ARCHS)}.")
-    size: int | None = Field(None, description="Input side in pixels, 32..2048; null: the backbone's own (224).")
-    aug: str = Field("default", description=f"Augmentation preset: {', '.join(AUG_PRESETS)}.")
-    views: int | None = Field(None, description="Most augmented views per training image in the feature cache; null: Ursa's default (8).")
-    fine_tune: int = Field(0, description="Epochs of full fine-tuning after the cached stage (slow on a CPU).")
-    seed: int = Field(42, description="Seed for the split, augmentation and training.")
-    valid_pct: float = Field(0.2, description="Share of each class held out for validation, in (0, 1).")
-    name: str = Field("run", description="Run name (letters, digits, '.', '_', '-'); runs/NAME, or NAME-2, ... when taken.")
-    then: list[str] = Field(default_factory=lambda: list(_THEN), description="Jobs to queue after a successful training: any of 'issues', 'export'.")
+    arch: str | None = Field(None, description=f"Backbone: one of {', '.join(STUDIO_ARCHS)} (default {TRAIN_DEFAULTS['arch']}).")
+    size: int | None = Field(None, description="Input side in pixels, 32..2048 (default: the backbone's own, 224).")
+    aug: str | None = Field(None, description=f"Augmentation preset: one of {', '.join(AUG_PRESETS)} (default {TRAIN_DEFAULTS['aug']}).")
+    views: int | None = Field(None, description=f"Most augmented views per training image in the feature cache (default {TRAIN_DEFAULTS['views']}).")
+    fine_tune: int | None = Field(None, description="Epochs of full fine-tuning after the cached stage (default 0; slow on a CPU).")
+    seed: int | None = Field(None, description=f"Seed for the split, augmentation and training (default {TRAIN_DEFAULTS['seed']}).")
+    valid_pct: float | None = Field(None, description=f"Share of each class held out for validation, in (0, 1) (default {TRAIN_DEFAULTS['valid_pct']}).")
+    name: str | None = Field(None, description="Run folder name: runs/NAME, or NAME-2, ... when taken (default 'run').")
+    then: list[str] | None = Field(None, description=f"Jobs to queue after a successful training, in order, from {', '.join(FOLLOW_UPS)} (default: both, in that order).")
 
 
 TRAIN_OPTIONS = tuple(TrainIn.model_fields)
@@ -133,27 +129,6 @@ class ExportIn(_Body):
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def _check_train_options(opts: TrainIn) -> dict[str, Any]:
-    """The options as the train job takes them, checked by the same config classes `ursa train` fills; StudioError otherwise."""
-    if opts.arch not in STUDIO_ARCHS:
-        raise StudioError(f"arch {opts.arch!r} is not one the studio can train: pick one of {', '.join(STUDIO_ARCHS)}.")
-    if opts.aug not in AUG_PRESETS:
-        raise StudioError(f"aug must be one of {', '.join(AUG_PRESETS)}, got {opts.aug!r}.")
-    if not _RUN_NAME.match(opts.name):
-        raise StudioError(f"run name {opts.name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
-    bad_then = [t for t in opts.then if t not in _THEN]
-    if bad_then or len(set(opts.then)) != len(opts.then):
-        raise StudioError(f"then must list each of {', '.join(_THEN)} at most once, got {opts.then!r}.")
-    train = {k: v for k, v in {"arch": opts.arch, "size": opts.size, "views": opts.views, "fine_tune": opts.fine_tune}.items() if v is not None}
-    try:  # the config classes' own checks, with their messages (they name the CLI option; the page shows the same words)
-        TrainConfig(**train)
-        DataConfig(valid_pct=opts.valid_pct, seed=opts.seed, aug=AUG_PRESETS[opts.aug])
-    except UrsaError as exc:
-        raise StudioError(str(exc)) from None
-    out = opts.model_dump()
-    return {k: v for k, v in out.items() if v is not None or k == "size"}
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -450,7 +425,7 @@ def create_studio_app(
     @app.post("/api/train", status_code=202)
     def train(body: TrainIn) -> dict[str, Any]:
         """Queue a training run on the class folders (cleaned.csv when there is one), then its `then` jobs."""
-        options = _check_train_options(body)
+        options = check_options("train", body.model_dump(exclude_none=True))  # StudioError (400) names a bad one
         ready = [c for c in project.classes() if int(c["count"]) >= 2]
         if len(ready) < 2:
             have = ", ".join(f"{c['name']} ({c['count']})" for c in project.classes()) or "none"

@@ -12,7 +12,7 @@ Each job is a folder `<root>/.ursa/studio/jobs/<id>/` (id: 12 hex digits):
 One worker thread runs the queued jobs, oldest first, one at a time, each as `[python, "-m", "ursa.tasks",
 <job dir>]` in a session of its own (so a cancel reaches its helper processes too). A snapshot folds the
 events live; when the child exits the parent folds them into job.json. A train job that ends "done" queues
-the jobs its option `then` names (default: issues, then export) for the new run.
+the jobs its option `then` names (default: export, then issues) for the new run.
 
 Restarting survives: a new `Jobs` reads the table back. A job recorded as running whose process is still
 alive (the same pid with the same start time in /proc) is adopted and watched to its end; one whose process
@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from ursa._io import atomic_write_bytes, atomic_write_json
-from ursa.config import DataConfig, TrainConfig
+from ursa.config import AUG_PRESETS, DataConfig, TrainConfig
 from ursa.errors import StudioError, UrsaError
 from ursa.web.studio.project import Conflict, NotFound
 
-__all__ = ["Jobs", "KINDS", "STATES", "FINAL", "JOBS_DIR", "TRAIN_DEFAULTS", "check_options"]
+__all__ = ["FINAL", "JOBS_DIR", "KINDS", "STATES", "TRAIN_DEFAULTS", "Jobs", "check_options"]
 
 KINDS = ("train", "issues", "export", "download")
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -58,9 +58,12 @@ POLL_S = 0.2  # how often the worker looks at its child
 _ID = re.compile(r"^[0-9a-f]{12}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OWN_FILES = {"job.json", "events.jsonl", "output.log"}
+# export first: "Try it" needs the export, and a person tries the model before reading the findings
 TRAIN_DEFAULTS: dict[str, Any] = {"arch": "efficientnet_lite0", "size": None, "aug": "default", "views": TrainConfig().views, "fine_tune": 0,
-                                  "seed": 42, "valid_pct": 0.2, "name": "run", "then": ["issues", "export"]}  # fmt: skip
-FOLLOW_UPS = ("issues", "export")  # what a train job may queue after it (`then`)
+                                  "seed": 42, "valid_pct": 0.2, "name": "run", "then": ["export", "issues"]}  # fmt: skip
+FOLLOW_UPS = ("export", "issues")  # what a train job may queue after it (`then`)
+# Backbones whose weights ship inside Ursa's own dependencies: a job has no weights-file option, and the machine may be offline.
+STUDIO_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def _now() -> str:
@@ -101,8 +104,10 @@ def check_options(kind: str, options: Any) -> dict[str, Any]:
         raise StudioError(f"unknown {kind} options {unknown}; the options are {sorted(allowed)}.")
     if kind == "train":
         o = {**TRAIN_DEFAULTS, **options}
-        if not isinstance(o["aug"], str):
-            raise StudioError(f"aug must be the name of an augmentation preset, got {o['aug']!r}.")
+        if o["arch"] not in STUDIO_ARCHS:
+            raise StudioError(f"arch {o['arch']!r} is not one the studio can train: pick one of {', '.join(STUDIO_ARCHS)}.")
+        if o["aug"] not in AUG_PRESETS:
+            raise StudioError(f"aug must be one of the augmentation presets {', '.join(AUG_PRESETS)}, got {o['aug']!r}.")
         try:
             DataConfig(valid_pct=o["valid_pct"], seed=o["seed"], aug=o["aug"])
             TrainConfig(arch=o["arch"], size=o["size"], views=o["views"], fine_tune=o["fine_tune"])

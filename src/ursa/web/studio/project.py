@@ -50,7 +50,7 @@ from ursa.imageio import NON_IMAGE_SUFFIXES, decode_image
 from ursa.journal import Journal
 from ursa.review import CLEANED_CSV, check_class_change, update_cleaned
 
-__all__ = ["Project", "NotFound", "Conflict", "Forbidden", "RESERVED", "MIN_IMAGES", "IMBALANCE"]
+__all__ = ["IMBALANCE", "MIN_IMAGES", "RESERVED", "Conflict", "Forbidden", "NotFound", "Project"]
 
 RESERVED = ("runs", "models")  # top-level folders of outputs, never classes
 MIN_IMAGES = 10  # a class with fewer gets a warning
