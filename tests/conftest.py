@@ -126,18 +126,24 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """Debian's Chromium driven by Playwright; skipped when absent, a failure when CI is set."""
+def chromium(*extra_args: str) -> Iterator[object]:
+    """Debian's Chromium driven by Playwright, launched with CHROMIUM_ARGS and `extra_args`; skipped when absent,
+    a failure when CI is set. For module-scoped fixtures (`browser` here, the studio's camera browser)."""
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium (.ci/run does this).")
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium driven by Playwright (see `chromium`)."""
+    yield from chromium()
 
 
 # ---- a dataset with planted problems, and one training run on it (interpret, issues and review tests) --------

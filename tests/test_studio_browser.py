@@ -30,17 +30,9 @@ MEDIA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-str
 @pytest.fixture(scope="module")
 def camera_browser() -> Iterator[Any]:
     """conftest's headless Chromium, with the fake camera; skipped when Chromium is absent."""
-    from conftest import CHROMIUM, CHROMIUM_ARGS
+    from conftest import chromium
 
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium (.ci/run does this).")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *MEDIA_ARGS])
-        yield b
-        b.close()
+    yield from chromium(*MEDIA_ARGS)
 
 
 @pytest.fixture

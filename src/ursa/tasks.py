@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ursa.errors import UrsaError
+from ursa.web.studio.jobs import json_safe
 
 __all__ = ["RUNNERS", "Cancelled", "Events", "main"]
 
@@ -39,21 +40,6 @@ _THROTTLE_S = 0.1  # at most ten progress lines a second
 class Cancelled(KeyboardInterrupt):
     """Raised in the job when SIGTERM arrives: a KeyboardInterrupt, so no `except Exception` swallows it, asyncio
     lets it out of the downloader's event loop, and the downloader saves its manifest on the way out (as for Ctrl-C)."""
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return _finite(obj.item())
-        except (TypeError, ValueError):
-            return str(obj)
-    return obj
 
 
 class Events:
@@ -69,7 +55,7 @@ class Events:
         self.cancel_pending = False
 
     def emit(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"t": round(time.monotonic() - self.t0, 3), "type": kind, **_finite(fields)}, default=str)
+        line = json.dumps({"t": round(time.monotonic() - self.t0, 3), "type": kind, **json_safe(fields)}, default=str)
         self._writing = True
         try:
             self.fh.write(line + "\n")

@@ -42,7 +42,7 @@ from ursa.errors import BadImageError, ImageTooLargeError, NotAnImageError, Serv
 from ursa.export import MAX_PIXELS, Predictor
 from ursa.web.security import protect
 
-__all__ = ["MAX_UPLOAD_BYTES", "PredictionOut", "add_predict_route", "create_predict_app", "default_workers", "serve"]
+__all__ = ["MAX_UPLOAD_BYTES", "BodyTooLarge", "PredictionOut", "add_predict_route", "create_predict_app", "default_workers", "limited_request", "serve"]
 
 HERE = Path(__file__).resolve().parent
 MAX_UPLOAD_BYTES = 10 * 2**20  # default request body limit: 10 MiB
@@ -89,8 +89,25 @@ _ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised while reading a request made by `limited_request` once its body passes the limit."""
+
+
+def limited_request(request: Request, limit: int) -> Request:
+    """`request` whose body reads raise BodyTooLarge as soon as more than `limit` bytes have arrived, so an
+    upload that lied about (or left out) its Content-Length is cut off while streaming, not after."""
+    received = 0
+
+    async def receive() -> Any:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge
+        return message
+
+    return Request(request.scope, receive)
 
 
 class _Fail(Exception):
@@ -144,19 +161,7 @@ def add_predict_route(
     async def spool_upload(request: Request, multipart: bool) -> tuple[IO[bytes], list[Callable[[], Any]]]:
         """The image (multipart field `file`, or the whole body) in a temporary file, read with a bounded
         streaming read; and what to call to release it."""
-        limit = max_upload_bytes + (_MULTIPART_SLACK if multipart else 0)
-        received = 0
-
-        async def receive() -> Any:
-            nonlocal received
-            message = await request.receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooLarge
-            return message
-
-        limited = Request(request.scope, receive)
+        limited = limited_request(request, max_upload_bytes + (_MULTIPART_SLACK if multipart else 0))
         try:
             if not multipart:
                 spool: IO[bytes] = SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - closed by the caller
@@ -169,7 +174,7 @@ def add_predict_route(
                 return spool, [spool.close]
             # Starlette's parser streams file parts into its own 1 MiB spooled files; other fields are small.
             form = await limited.form(max_files=1, max_fields=16, max_part_size=_MAX_FIELD_BYTES)
-        except _TooLarge:
+        except BodyTooLarge:
             raise _Fail(413, too_big, close=True) from None
         upload = form.get("file")
         if upload is None or isinstance(upload, str):

@@ -58,7 +58,7 @@ from ursa.config import AUG_PRESETS
 from ursa.errors import BadImageError, ImageTooLargeError, InterpretError, NotAnImageError, StudioError, UrsaError
 from ursa.export import Predictor
 from ursa.interpret.analysis import ClassificationInterpretation
-from ursa.web.predict_app import MAX_UPLOAD_BYTES, add_predict_route, default_workers
+from ursa.web.predict_app import MAX_UPLOAD_BYTES, BodyTooLarge, add_predict_route, default_workers, limited_request
 from ursa.web.review_app import ReviewRequestError, ReviewSession
 from ursa.web.security import protect
 from ursa.web.studio.jobs import FOLLOW_UPS, STUDIO_ARCHS, TRAIN_DEFAULTS, Jobs, check_options
@@ -344,23 +344,9 @@ def create_studio_app(
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return JSONResponse({"detail": upload_too_big}, status_code=413, headers={"connection": "close"})  # before reading the body
-        received = 0
-
-        class _TooBig(Exception):
-            pass
-
-        async def receive() -> Any:
-            nonlocal received
-            message = await request.receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooBig
-            return message
-
         try:  # Starlette streams file parts into spooled temporary files (memory up to 1 MiB each, disk beyond)
-            form = await Request(request.scope, receive).form(max_files=max_files, max_fields=8, max_part_size=64 * 2**10)
-        except _TooBig:
+            form = await limited_request(request, limit).form(max_files=max_files, max_fields=8, max_part_size=64 * 2**10)
+        except BodyTooLarge:
             return JSONResponse({"detail": upload_too_big}, status_code=413, headers={"connection": "close"})
         except HTTPException as exc:  # Starlette's parser: too many files or fields, a malformed body
             if "too many files" in str(exc.detail).lower():

@@ -46,7 +46,7 @@ from ursa.config import AUG_PRESETS, DataConfig, TrainConfig
 from ursa.errors import StudioError, UrsaError
 from ursa.web.studio.project import Conflict, NotFound
 
-__all__ = ["FINAL", "JOBS_DIR", "KINDS", "STATES", "TRAIN_DEFAULTS", "Jobs", "check_options"]
+__all__ = ["FINAL", "JOBS_DIR", "KINDS", "STATES", "TRAIN_DEFAULTS", "Jobs", "check_options", "json_safe"]
 
 KINDS = ("train", "issues", "export", "download")
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -70,14 +70,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _finite(obj: Any) -> Any:
-    """`obj` with NaN and infinities as None (JSON has no NaN; browsers refuse it)."""
+def json_safe(obj: Any) -> Any:
+    """`obj` as JSON can hold it: NaN and infinities as None (JSON has no NaN; browsers refuse it), numpy and
+    torch scalars as Python numbers, dict keys as strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return json_safe(obj.item())
+        except (TypeError, ValueError):
+            return str(obj)
     return obj
 
 
@@ -290,7 +296,7 @@ class Jobs:
             "options": job.get("options", {}), "created": job.get("created"), "started": job.get("started"), "ended": job.get("ended"),
             "seconds": seconds,
         }  # fmt: skip
-        return _finite(snap)
+        return json_safe(snap)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's snapshot: {"id", "kind", "state", "progress" 0..1, "stage", "log" (last 50 lines), "epochs"
@@ -513,14 +519,16 @@ class Jobs:
                 how = f"exit code {exit_code}" if exit_code is not None and exit_code >= 0 else f"signal {-exit_code}" if exit_code is not None else "no exit code"
                 state, result, error = "failed", None, f"the job's process ended without finishing ({how}); see {self.dir / job['id'] / 'output.log'}."
             ended_t = time.time()
-            job.update(state=state, result=_finite(result), error=error, ended=_now(), ended_t=ended_t, progress=1.0 if state == "done" else ev.p,
-                       stage=ev.stage if state != "done" else "done", log=list(ev.log), epochs=_finite(ev.epochs), exit_code=exit_code)  # fmt: skip
-            self._write(job)
-            self._events.pop(job["id"], None)
+            job.update(state=state, result=json_safe(result), error=error, ended=_now(), ended_t=ended_t, progress=1.0 if state == "done" else ev.p,
+                       stage=ev.stage if state != "done" else "done", log=list(ev.log), epochs=json_safe(ev.epochs), exit_code=exit_code)  # fmt: skip
             if state == "done" and job["kind"] == "train" and isinstance(result, dict) and result.get("run"):
                 follow = [(k, {"run": result["run"]}) for k in job["options"].get("then", [])]
-        for kind, options in follow:
-            try:
-                self.submit(kind, options)
-            except StudioError:
-                pass  # a run name the checks refuse cannot come from train_run; nothing to queue
+            # the follow-ups are queued before the training is seen as done (the lock is re-entrant), so
+            # whoever sees it done also sees what it queued
+            for kind, options in follow:
+                try:
+                    self.submit(kind, options)
+                except StudioError:
+                    pass  # a run name the checks refuse cannot come from train_run; nothing to queue
+            self._write(job)
+            self._events.pop(job["id"], None)
