@@ -103,3 +103,152 @@ def test_too_few_training_images_skip_calibration_with_a_note(tmp_path: Path) ->
     fd = FeatureData(torch.randn(3, 8), torch.tensor([0, 1, 0]), ["a", "b", "c"], [torch.randn(2, 8)], torch.tensor([0, 1]), ["d", "e"], [], [0])
     trust = fit_trust(fd, Head(8, 2).eval(), n_classes=2)
     assert trust.temperature == 1.0 and trust.detector is None and "too few" in trust.info["calibration_note"]
+
+
+# ---- the export carries them; the Predictor applies them with no torch --------------------------------
+
+
+def test_the_export_stores_temperature_and_detector_listed_and_hashed(built: Built) -> None:
+    from ursa.export.artifact import sha256
+
+    meta = json.loads((built.export / "model.json").read_text())
+    run_metrics = json.loads((built.run / "metrics.json").read_text())
+    assert meta["format_version"] == 3
+    assert meta["calibration"]["temperature"] == pytest.approx(run_metrics["temperature"])
+    det = meta["open_set"]["detector"]
+    assert det["file"] == "open_set.safetensors" and det["method"] == "knn"
+    data = (built.export / "open_set.safetensors").read_bytes()
+    assert meta["files"]["open_set.safetensors"] == {"sha256": sha256(data), "bytes": len(data)}
+    assert meta["outputs"] == {"logits": "logits", "embedding": "embedding", "feature_map": "feature_map"}
+
+
+def test_predictor_applies_the_temperature(built: Built) -> None:
+    from ursa.export import load_model
+
+    m = load_model(built.export)
+    assert m.temperature == pytest.approx(json.loads((built.run / "metrics.json").read_text())["temperature"], rel=1e-5)
+    x = m.load(built.photo)
+    np.testing.assert_allclose(m.probs(x), scaled_softmax(m.logits(x), m.temperature), atol=1e-6)
+    pred = m.predict_image(built.photo)
+    np.testing.assert_allclose(pred.probs, m.probs(x)[0], atol=1e-6)
+
+
+def test_reasons_unfamiliar_before_unsure(built: Built) -> None:
+    from ursa.export import NONE_OF_THESE, load_model
+
+    m = load_model(built.export)
+    assert m.detector is not None
+    emb = m.run(m.load(built.photo), embedding=True)[1][0]
+    probs = np.array([0.5, 0.3, 0.2], np.float32)
+    m.threshold, m.detector.threshold = 0.0, float("inf")
+    assert m.interpret(probs, embedding=emb).reason is None
+    m.threshold = 0.6  # under the softmax threshold: unsure between the two most probable classes
+    p = m.interpret(probs, embedding=emb)
+    assert p.label == NONE_OF_THESE and p.reason == f"unsure between {m.classes[0]} and {m.classes[1]}"
+    m.detector.threshold = -1.0  # every photo beyond the detector's threshold: unfamiliar wins
+    p = m.interpret(probs, embedding=emb)
+    assert p.rejected and p.reason == "unfamiliar" and p.to_dict()["reason"] == "unfamiliar" and p.unfamiliarity is not None
+
+
+def test_open_set_false_disables_the_detector_too(built: Built) -> None:
+    from ursa.export import load_model
+
+    m = load_model(built.export, open_set=False)
+    assert m.detector is None and m.threshold == 0.0 and m.predict_image(built.photo).reason is None
+
+
+def _as_version_2(built: Built, tmp_path: Path) -> Path:
+    """The export as the previous format wrote it: logits only, no temperature, no detector."""
+    import shutil
+
+    import onnx
+
+    from ursa.export.artifact import content_sha256, sha256
+
+    dst = tmp_path / "v2"
+    shutil.copytree(built.export, dst)
+    (dst / "open_set.safetensors").unlink()
+    proto = onnx.load(str(dst / "model.onnx"))
+    keep = [o for o in proto.graph.output if o.name == "logits"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    (dst / "model.onnx").write_bytes(proto.SerializeToString())
+    meta = json.loads((dst / "model.json").read_text())
+    for key in ("outputs", "calibration"):
+        meta.pop(key)
+    meta["open_set"].pop("detector")
+    meta["format_version"] = 2
+    del meta["files"]["open_set.safetensors"]
+    data = (dst / "model.onnx").read_bytes()
+    meta["files"]["model.onnx"] = {"sha256": sha256(data), "bytes": len(data)}
+    meta["content_sha256"] = content_sha256(meta)
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_an_export_of_format_version_2_still_loads_without_the_new_parts(built: Built, tmp_path: Path, run_cli) -> None:  # noqa: ANN001
+    from ursa.errors import ExportError
+    from ursa.export import load_model
+
+    v2 = _as_version_2(built, tmp_path)
+    m = load_model(v2)
+    assert m.temperature == 1.0 and m.detector is None
+    pred = m.predict_image(built.photo)
+    assert pred.reason in (None, f"unsure between {pred.top[0][0]} and {pred.top[1][0]}")
+    with pytest.raises(ExportError, match="no feature_map output.*ursa export"):
+        m.explain(built.photo)
+    code, _, err = run_cli("predict", str(v2), str(built.photo), "--explain", str(tmp_path / "h.png"))
+    assert code == 2 and "no feature_map output" in err and not (tmp_path / "h.png").exists()
+
+
+def test_explain_writes_a_heat_map_png(built: Built, tmp_path: Path, run_cli) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from ursa.export import load_model
+
+    m = load_model(built.export)
+    pred, cam, picture = m.explain(built.photo)
+    assert cam.ndim == 2 and 0.0 <= cam.min() and cam.max() <= 1.0 and picture.size == (m.size, m.size)
+    torch_cam = load_model(built.export, backend="torch").explain(built.photo)[1]
+    np.testing.assert_allclose(torch_cam, cam, atol=1e-3)
+    out = tmp_path / "why.png"
+    code, stdout, _ = run_cli("predict", str(built.export), str(built.photo), "--explain", str(out))
+    assert code == 0 and "wrote" in stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (m.size, m.size)
+
+
+@pytest.mark.parametrize("args, match", [(["--explain", "x.jpg"], "must be a .png"), (["EXTRA", "--explain", "x.png"], "exactly one image")])
+def test_explain_bad_requests_exit_2(built: Built, tmp_path: Path, run_cli, args: list[str], match: str) -> None:  # noqa: ANN001
+    args = [str(built.photo) if a == "EXTRA" else (str(tmp_path / a) if a.startswith("x.") else a) for a in args]
+    code, _, err = run_cli("predict", str(built.export), str(built.photo), *args)
+    assert code == 2 and match in " ".join(err.split())
+
+
+def test_onnx_explain_and_detector_need_no_torch(built: Built) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ursa.export import load_model\n"
+        f"m = load_model({str(built.export)!r})\n"
+        f"p, cam, im = m.explain({str(built.photo)!r})\n"
+        "assert m.detector is not None and p.unfamiliarity is not None\n"
+        "print(sorted(x for x in sys.modules if x.startswith(('torch', 'timm', 'ursa.train'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_serve_answers_with_the_reason(built: Built) -> None:
+    from fastapi.testclient import TestClient
+
+    from ursa.web.predict_app import create_predict_app
+
+    c = TestClient(create_predict_app(built.export), base_url="http://127.0.0.1")
+    body = c.post("/predict", content=built.photo.read_bytes()).json()
+    assert "reason" in body and "unfamiliarity" in body
+    assert (body["reason"] is None) == (not body["rejected"])
+    assert "reason" in c.get("/openapi.json").json()["components"]["schemas"]["PredictionOut"]["properties"]

@@ -4,7 +4,8 @@
 
 - `GET /` a page (plain HTML + JS): upload, drag-and-drop or paste a photo, see the top classes as bars;
 - `POST /predict` the image as multipart field `file`, or as the raw request body -> JSON
-  `{label, index, prob, best, rejected, top: [{label, prob}], ms, threshold}`; `?top_k=` (1..100);
+  `{label, index, prob, best, rejected, reason, unfamiliarity, top: [{label, prob}], ms, threshold}`
+  (`reason`: "unfamiliar" or "unsure between A and B" when rejected, else null); `?top_k=` (1..100);
 - `GET /health` liveness and the loaded model; `GET /model` model.json (less local paths);
 - `GET /docs`, `GET /openapi.json` the OpenAPI description.
 
@@ -63,6 +64,8 @@ class PredictionOut(BaseModel):
     prob: float  # top probability, 0..1
     best: str  # the most probable class, also when rejected
     rejected: bool
+    reason: str | None = None  # why "none of these": "unfamiliar" (open-set detector) or "unsure between A and B" (softmax); None when accepted
+    unfamiliarity: float | None = None  # the open-set detector's score (higher: less like the training photos); None without a detector
     top: list[TopClass]
     ms: dict[str, float]  # decode / preprocess / model / total milliseconds on the server
     threshold: float

@@ -23,9 +23,12 @@
   function draw(ans) {
     labelEl.textContent = ans.rejected ? "none of these" : ans.label;
     labelEl.className = ans.rejected ? "rejected" : "";
-    detailEl.textContent = ans.rejected
-      ? `Not confident: the closest class is ${ans.best} at ${pct(ans.prob)}, under the threshold of ${pct(ans.threshold)}.`
-      : `${pct(ans.prob)} sure · ${ans.ms.total.toFixed(0)} ms on the server`;
+    const unfamiliar = ans.reason === "unfamiliar";
+    detailEl.textContent = !ans.rejected
+      ? `${pct(ans.prob)} sure · ${ans.ms.total.toFixed(0)} ms on the server`
+      : unfamiliar
+        ? `Unfamiliar: this photo is unlike every training photo (the closest class is ${ans.best} at ${pct(ans.prob)}).`
+        : `Not confident, ${ans.reason || "unsure"}: the closest class is ${ans.best} at ${pct(ans.prob)}, under the threshold of ${pct(ans.threshold)}.`;
     bars.replaceChildren();
     ans.top.forEach((t, i) => {
       const li = document.createElement("li");
