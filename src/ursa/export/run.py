@@ -26,9 +26,9 @@ from ursa.errors import BadImageError, ExportError, UrsaError
 from ursa.export.artifact import FORMAT, INT8_FILE, ONNX_FILE, WEIGHTS_FILE, check_out, content_sha256, metadata, sha256, write_folder
 from ursa.export.onnx import ONNX_TOLERANCE, to_onnx
 from ursa.export.predictor import build_torch, ort_session, preprocess, softmax
-from ursa.trust import DETECTOR_FILE, detector_from_bytes, scaled_softmax
 from ursa.export.quantize import quantize
 from ursa.imageio import decode_image, eval_min_side
+from ursa.trust import DETECTOR_FILE, detector_from_bytes, scaled_softmax
 
 __all__ = ["ExportResult", "ExportSource", "export_learner", "export_run"]
 
