@@ -252,3 +252,50 @@ def test_serve_answers_with_the_reason(built: Built) -> None:
     assert "reason" in body and "unfamiliarity" in body
     assert (body["reason"] is None) == (not body["rejected"])
     assert "reason" in c.get("/openapi.json").json()["components"]["schemas"]["PredictionOut"]["properties"]
+
+
+# ---- why: Grad-CAM in interpret and report ------------------------------------------------------------
+
+
+def _copy_run(built: Built, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(built.run, dst)
+    return dst
+
+
+def test_torch_grad_cam_equals_the_exports_class_activation_map(built: Built) -> None:
+    import torch
+
+    from ursa.export import load_model
+    from ursa.interpret.gradcam import grad_cam, load_run_model
+
+    model, dc = load_run_model(built.run)
+    m = load_model(built.export)
+    x = m.load(built.photo)
+    pred, cam, _ = m.explain(built.photo)
+    got = grad_cam(model, torch.from_numpy(x), [m.classes.index(pred.best)])[0]
+    np.testing.assert_allclose(got, cam, atol=1e-3)
+    assert dc["input_size"] == [3, 64, 64]
+
+
+def test_interpret_heatmaps_writes_the_png_and_the_report_shows_it(built: Built, tmp_path: Path, run_cli) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    run = _copy_run(built, tmp_path)
+    code, out, _ = run_cli("interpret", str(run), "--heatmaps", "--top", "4")
+    assert code == 0 and "heatmaps.png" in out
+    with Image.open(run / "heatmaps.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    from ursa.report import render_report
+
+    page = render_report(run)
+    assert "where the model looked (Grad-CAM)" in page and "Calibration and open set" in page
+
+
+def test_interpret_heatmaps_without_weights_is_a_clear_error(built: Built, tmp_path: Path, run_cli) -> None:  # noqa: ANN001
+    run = _copy_run(built, tmp_path)
+    (run / "models" / "model.safetensors").unlink()
+    code, _, err = run_cli("interpret", str(run), "--heatmaps")
+    assert code == 2 and "not a finished training run" in " ".join(err.split())
