@@ -83,6 +83,7 @@ def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: Train
     """The recipe's Learner, frozen, with its feature cache computed (for lr_find or custom schedules on
     the head: they run on the cache); nothing else written."""
     split = build_split(root, data)
+    train, _ = _resolve_arch(split, train, data)
     backbone = prepare_backbone(train)
     learn = recipe_learner(split, backbone, train, data, out=Path("."), progress=progress, console=console)
     learn.features()
@@ -142,6 +143,7 @@ def train_run(
     dist.init(device)
     progress = progress and dist.is_main()
     split = split or build_split(root, data)
+    train, choice = _resolve_arch(split, train, data) if backbone is None else (train, None)
     backbone = prepare_backbone(train, backbone)
     out = Path(out)  # nothing is written there until the run has succeeded (see _publish_run)
     learn = recipe_learner(split, backbone, train, data, out=out, progress=progress, console=console, device=device)
@@ -190,11 +192,20 @@ def train_run(
         "wall_s": round(wall, 2),
     }
     metrics.update(_trust_metrics(trust, probs, y))
+    if choice is not None:
+        metrics["budget"] = choice  # what --arch auto / --budget picked, the estimates and why
     if dist.is_main():
         out = _publish_run(out, lambda folder: _write_run(folder, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime, trust=trust))
     out = dist.broadcast(out)  # rank 0's folder, so every rank names the same one
     dist.barrier()  # the run folder is complete before any rank returns
     return RunResult(out, metrics, model, split.classes, split, backbone, history)
+
+
+def _resolve_arch(split: Split, train: TrainConfig, data: DataConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """`ursa.train.budget.resolve_arch`: the backbone --arch auto / --budget picks (the config unchanged otherwise)."""
+    from ursa.train.budget import resolve_arch
+
+    return resolve_arch(split, train, data)
 
 
 def _fit_trust(fd: FeatureData, head: nn.Module, classes: list[str], train: TrainConfig, data: DataConfig) -> Any:
@@ -304,6 +315,7 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "runtime": runtime or {},  # device, processes, precision and its reason, fine-tuning images/s
+        "budget": metrics.get("budget"),  # --arch auto / --budget: what was picked and why (None: the arch was named)
     }
     atomic_write_json(out / "config.json", config)
     save_split(split, out / "split.json")
