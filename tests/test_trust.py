@@ -299,3 +299,25 @@ def test_interpret_heatmaps_without_weights_is_a_clear_error(built: Built, tmp_p
     (run / "models" / "model.safetensors").unlink()
     code, _, err = run_cli("interpret", str(run), "--heatmaps")
     assert code == 2 and "not a finished training run" in " ".join(err.split())
+
+
+def test_serve_returns_the_heat_map_when_asked_and_refuses_it_for_an_old_export(built: Built, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from ursa.web.predict_app import create_predict_app
+
+    c = TestClient(create_predict_app(built.export), base_url="http://127.0.0.1")
+    assert c.post("/predict", content=built.photo.read_bytes()).json()["heatmap"] is None
+    body = c.post("/predict?heatmap=true", content=built.photo.read_bytes()).json()
+    assert body["heatmap"].startswith("data:image/png;base64,") and body["ms"]["total"] > 0
+    with Image.open(io.BytesIO(base64.b64decode(body["heatmap"].split(",", 1)[1]))) as im:
+        assert im.size == (64, 64)
+    assert 'data-explain="yes"' in c.get("/").text
+    old = TestClient(create_predict_app(_as_version_2(built, tmp_path)), base_url="http://127.0.0.1")
+    r = old.post("/predict?heatmap=true", content=built.photo.read_bytes())
+    assert r.status_code == 422 and "Export it again" in r.json()["detail"]
+    assert 'data-explain="no"' in old.get("/").text

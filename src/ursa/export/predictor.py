@@ -338,6 +338,11 @@ class Predictor:
         )
 
     # -- why --
+    @property
+    def can_explain(self) -> bool:
+        """Whether this export gives heat maps (its model has the feature-map output)."""
+        return bool(self._outputs.get("feature_map"))
+
     def head_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """The head as one linear map of the embedding: (weight (n_classes, d), bias (n_classes,)), its
         BatchNorm (eval mode) folded into the linear layer. Read from model.safetensors with numpy."""
@@ -360,8 +365,11 @@ class Predictor:
         on the backbone's last stage. The heat map is (h, w) float32 in [0, 1] at the feature map's
         resolution; the overlay is the model's input crop (S x S pixels) with the map blended in.
         ExportError when the export has no feature-map output (an earlier format: export again)."""
+        t0 = time.perf_counter()
         im = decode_image(_image_source(img), min_side=self._min_side, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
         x = preprocess(im, self.data_config, pool=self._pool)
+        t2 = time.perf_counter()
         outs = self.run(x, embedding=self.detector is not None, feature_map=True)
         logits, fmap = outs[0], outs[-1]
         pred = self.interpret(scaled_softmax(logits, self.temperature)[0], top_k=top_k, embedding=outs[1][0] if self.detector is not None else None)
@@ -369,6 +377,8 @@ class Predictor:
             raise ExportError(f"{target!r} is not one of this model's classes ({', '.join(self.classes)}).")
         c = self.classes.index(target) if target is not None else self.classes.index(pred.best)
         cam = class_activation_map(fmap[0], self.head_weights()[0][c])
+        t3 = time.perf_counter()
+        pred.ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
         mean, std = np.asarray(self.data_config["mean"], np.float32), np.asarray(self.data_config["std"], np.float32)
         crop = np.clip((x[0].transpose(1, 2, 0) * std + mean) * 255, 0, 255).astype(np.uint8)  # the pixels the model saw
         return pred, cam, overlay(Image.fromarray(crop, "RGB"), cam)

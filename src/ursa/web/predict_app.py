@@ -6,6 +6,7 @@
 - `POST /predict` the image as multipart field `file`, or as the raw request body -> JSON
   `{label, index, prob, best, rejected, reason, unfamiliarity, top: [{label, prob}], ms, threshold}`
   (`reason`: "unfamiliar" or "unsure between A and B" when rejected, else null); `?top_k=` (1..100);
+  `?heatmap=true` adds `heatmap`, the Grad-CAM of the answer over the model's input crop (a PNG data URL);
 - `GET /health` liveness and the loaded model; `GET /model` model.json (less local paths);
 - `GET /docs`, `GET /openapi.json` the OpenAPI description.
 
@@ -69,6 +70,7 @@ class PredictionOut(BaseModel):
     top: list[TopClass]
     ms: dict[str, float]  # decode / preprocess / model / total milliseconds on the server
     threshold: float
+    heatmap: str | None = None  # with ?heatmap=true: the model's input crop with Grad-CAM drawn on, as a data:image/png URL
 
 
 _BODY_DOC = {
@@ -161,7 +163,7 @@ def create_predict_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(request: Request) -> HTMLResponse:
-        ctx = {"name": name, "classes": predictor.classes, "limit_mb": f"{limit_mb:g}", "threshold": predictor.threshold}
+        ctx = {"name": name, "classes": predictor.classes, "limit_mb": f"{limit_mb:g}", "threshold": predictor.threshold, "can_explain": predictor.can_explain}
         resp = templates.TemplateResponse(request, "predict.html", ctx)
         resp.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
         return resp
@@ -214,7 +216,7 @@ def create_predict_app(
             raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
         return upload.file, [form.close]  # closes the upload's file too
 
-    def predict_spooled(src: IO[bytes], top_k: int) -> Any:
+    def predict_spooled(src: IO[bytes], top_k: int, heatmap: bool = False) -> Any:
         """Read the upload back and predict (in a worker thread, inside an inference slot)."""
         size = src.seek(0, os.SEEK_END)
         if size > max_upload_bytes:
@@ -222,10 +224,22 @@ def create_predict_app(
         if size == 0:
             raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
         src.seek(0)
-        return predictor.predict_image(src.read(), top_k=top_k)
+        if not heatmap:
+            return predictor.predict_image(src.read(), top_k=top_k), None
+        import base64
+        import io
+
+        pred, _, picture = predictor.explain(src.read(), top_k=top_k)
+        buf = io.BytesIO()
+        picture.save(buf, "PNG")
+        return pred, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
     @app.post("/predict", response_model=PredictionOut, openapi_extra=_BODY_DOC, responses=_ERRORS_DOC)
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
+    async def predict(
+        request: Request,
+        top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`."),
+        heatmap: bool = Query(False, description="Also return `heatmap`: where the model looked (Grad-CAM), as a PNG data URL."),
+    ) -> Any:
         """Classify one image: its label (or "none of these"), probability and the top classes."""
         nonlocal admitted
         try:
@@ -233,6 +247,8 @@ def create_predict_app(
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + (_MULTIPART_SLACK if multipart else 0):
                 raise _Fail(413, too_big, close=True)  # before a byte of the body is read
+            if heatmap and not predictor.can_explain:
+                raise _Fail(422, "this model gives no heat maps: it was exported by an earlier Ursa. Export it again (ursa export runs/NAME --out NEW_FOLDER), or leave out heatmap.")
             if admitted >= concurrency + max_queue:  # admission before the body is read
                 raise _Fail(503, "the server is busy. Retry in a moment.", close=declared is None)
             admitted += 1
@@ -240,7 +256,7 @@ def create_predict_app(
                 src, release = await spool_upload(request, multipart)
                 try:
                     async with gate:
-                        pred = await run_in_threadpool(predict_spooled, src, top_k)
+                        pred, picture = await run_in_threadpool(predict_spooled, src, top_k, heatmap)
                 finally:
                     for close in release:
                         result = close()
@@ -256,7 +272,7 @@ def create_predict_app(
             return JSONResponse({"detail": str(exc)}, status_code=415)
         except BadImageError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        return {**pred.to_dict(), "threshold": predictor.threshold}
+        return {**pred.to_dict(), "threshold": predictor.threshold, "heatmap": picture}
 
     return app
 

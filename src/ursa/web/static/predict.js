@@ -10,6 +10,9 @@
   const detailEl = document.getElementById("detail");
   const bars = document.getElementById("bars");
   const errorEl = document.getElementById("error");
+  const why = document.getElementById("why");
+  const heatmap = document.getElementById("heatmap");
+  const explain = document.querySelector("main").dataset.explain === "yes";
   let previewUrl = null;
   let pending = 0; // only the latest request may draw
 
@@ -43,6 +46,8 @@
       li.append(fill, name, value);
       bars.append(li);
     });
+    why.hidden = !ans.heatmap;
+    if (ans.heatmap) heatmap.src = ans.heatmap;
     statusEl.textContent = "Prediction";
   }
 
@@ -62,10 +67,11 @@
     labelEl.textContent = "";
     detailEl.textContent = "";
     bars.replaceChildren();
+    why.hidden = true;
     const form = new FormData();
     form.append("file", file, file.name || "pasted-image");
     try {
-      const resp = await fetch("predict?top_k=5", { method: "POST", body: form });
+      const resp = await fetch(explain ? "predict?top_k=5&heatmap=true" : "predict?top_k=5", { method: "POST", body: form });
       const body = await resp.json().catch(() => ({ detail: `the server answered ${resp.status}` }));
       if (mine !== pending) return;
       if (!resp.ok) {
