@@ -64,16 +64,16 @@ def test_write_predictions_csv_has_a_row_per_image_and_empty_error_cells(tmp_pat
     from ursa.cli.predict import write_predictions_csv
 
     rows = [
-        {"path": "a.jpg", "status": "ok", "label": "cat", "prob": 0.75, "best": "cat", "top": [("cat", 0.75), ("dog", 0.25)], "error": "", "probs": np.array([0.75, 0.25])},
+        {"path": "a.jpg", "status": "ok", "label": "cat", "prob": 0.75, "best": "cat", "reason": None, "top": [("cat", 0.75), ("dog", 0.25)], "error": "", "probs": np.array([0.75, 0.25])},
         {"path": "b.jpg", "status": "error", "label": "", "prob": None, "best": "", "top": [], "error": "not an image", "probs": None},
     ]  # fmt: skip
     out = write_predictions_csv(rows, tmp_path / "p.csv", ["cat", "dog"])
     with out.open(newline="") as f:
         got = list(csv.reader(f))
     assert got == [
-        ["path", "status", "label", "prob", "best", "top", "error", "p_cat", "p_dog"],
-        ["a.jpg", "ok", "cat", "0.750000", "cat", "cat:0.7500; dog:0.2500", "", "0.750000", "0.250000"],
-        ["b.jpg", "error", "", "", "", "", "not an image", "", ""],
+        ["path", "status", "label", "prob", "best", "reason", "top", "error", "p_cat", "p_dog"],
+        ["a.jpg", "ok", "cat", "0.750000", "cat", "", "cat:0.7500; dog:0.2500", "", "0.750000", "0.250000"],
+        ["b.jpg", "error", "", "", "", "", "", "not an image", "", ""],
     ]
 
 

@@ -64,6 +64,7 @@ BAD: dict[type, dict[str, list[object]]] = {
         "device": ["gpu", "", None],
         "precision": ["fp8", "FP16", None],
         "channels_last": ["yes", 1],
+        "budget": [0, -1.0, "60", math.nan],
     },
     CollectConfig: {
         "max_images": [0, -5, 1.5],
@@ -209,8 +210,9 @@ def test_cli_defaults_are_the_config_defaults() -> None:
     """One default per setting: `ursa train --bs` was 32 while TrainConfig.batch_size was 64."""
     train, data = TrainConfig(), DataConfig()
     got = _defaults("train")
-    for name in ("arch", "head", "c", "epochs", "views", "fine_tune", "fine_tune_lr", "batch_size", "device", "precision"):
+    for name in ("head", "c", "epochs", "views", "fine_tune", "fine_tune_lr", "batch_size", "device", "precision"):
         assert got[name] == getattr(train, name), name
+    assert got["arch"] is None and got["budget"] is None  # no --arch: TrainConfig's arch, or "auto" with --budget
     for name in ("valid_pct", "seed", "flip", "allow_new_labels"):
         assert got[name] == getattr(data, name), name
     collect = CollectConfig()

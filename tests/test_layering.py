@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ursa"
 # the longest key that prefixes a module decides its layer.
 LEVELS = {
     "errors": 0, "config": 0, "_io": 0, "imageio": 0, "_malloc": 0, "journal": 0,
+    "trust": 0,  # numpy only: calibration, open-set scores and heat maps, fitted in train and applied in export
     "lessons": 0,  # stands alone: imports nothing from the rest of ursa (checked below); the CLI runs them
     # every layer draws through it (train's recorder and lr_find, data's show_batch), so it is a leaf
     "interpret.plots": 0,

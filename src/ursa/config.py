@@ -225,7 +225,7 @@ class DataConfig:
 class TrainConfig:
     """The training recipe. The default trains on cached backbone features, then optionally fine-tunes."""
 
-    arch: str = "efficientnet_lite0"  # registry name (see `ursa.models.ARCHS`) or any timm model name
+    arch: str = "efficientnet_lite0"  # registry name (see `ursa.models.ARCHS`), any timm model name, or "auto" (see `budget`)
     weights: str | None = None  # weights file (.safetensors or .pth state dict) for a non-packaged backbone
     head: str = "lbfgs"  # head solver: "lbfgs" (linear head fitted to convergence) or "one_cycle" (SGD epochs)
     c: float = 0.5  # inverse L2 strength of the lbfgs head (as scikit-learn's C): larger fits the cache harder
@@ -249,6 +249,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (this rank's GPU when there is one, else the CPU), "cpu" or "cuda"
     precision: str = "auto"  # fine-tuning precision: "auto", "fp32", "bf16" or "fp16" (see choose_precision)
     channels_last: bool | None = None  # channels-last image batches in fine-tuning; None: on a GPU only
+    budget: float | None = None  # seconds for arch="auto" to fit (see ursa.train.budget); None: 1.5x the default backbone's estimate
 
     def __post_init__(self) -> None:
         e = TrainError
@@ -278,6 +279,9 @@ class TrainConfig:
         _text(self, e, "device", "--device", choices=DEVICES)
         _text(self, e, "precision", "--precision", choices=PRECISIONS)
         _flag(self, e, "channels_last", None, optional=True)
+        _number(self, e, "budget", "--budget", above=0.0, optional=True, unit="seconds", hint="Try 60, or leave it out for the default backbone.")
+        if self.arch == "auto" and self.weights is not None:
+            raise e("--arch auto picks among the packaged backbones, whose weights come installed, so it takes no --weights. Leave out --weights, or name the --arch the weights file is for.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

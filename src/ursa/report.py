@@ -87,7 +87,13 @@ def render_report(run_dir: str | Path, *, draw: bool = True, top: int = 12) -> s
         mc = interp.most_confused(1)[:10]
         if mc:
             parts.append("<h2>Most confused</h2><table><tr><th>actual</th><th>predicted</th><th>images</th></tr>" + "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(p)}</td><td>{n}</td></tr>" for a, p, n in mc) + "</table>")
-    for fname, title in (("losses.png", "Training"), ("confusion.png", "Confusion matrix"), ("top_losses.png", "Top losses (validation)")):
+    if "ece" in metrics:
+        e, det = metrics["ece"], metrics.get("open_set") or {}
+        rows = [("temperature", _fmt(metrics.get("temperature", 1.0))), ("ECE before / after scaling (15 bins)", f"{e.get('before', float('nan')):.4f} / {e.get('after', float('nan')):.4f}")]
+        if det:
+            rows.append(("open-set detector", f"{det.get('method')} (threshold {det.get('threshold', float('nan')):.4f}); validation photos accepted {det.get('valid_accepted', float('nan')):.1%}"))
+        parts.append("<h2>Calibration and open set</h2><p class='muted'>" + html.escape(str(metrics.get("calibration") or metrics.get("calibration_note") or "")) + "</p>" + _table(rows))
+    for fname, title in (("losses.png", "Training"), ("confusion.png", "Confusion matrix"), ("top_losses.png", "Top losses (validation)"), ("heatmaps.png", "Top losses: where the model looked (Grad-CAM)")):
         if (run / fname).is_file():
             parts.append(f"<h2>{title}</h2><img class='plot' alt='{fname}' src='{_b64(run / fname)}'>")
 

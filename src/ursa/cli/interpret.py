@@ -17,8 +17,9 @@ def interpret_cmd(
     top: Annotated[int, typer.Option("--top", help="Images in top_losses.png.")] = 9,
     min_val: Annotated[int, typer.Option("--min-val", help="Smallest count shown in the most-confused table.")] = 1,
     normalize: Annotated[bool, typer.Option("--normalize", help="Confusion matrix as shares of each actual class.")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also draw the top losses with Grad-CAM heat maps (heatmaps.png; also in report.html).")] = False,
 ) -> None:
-    """What the model gets wrong on the validation set: confusion.png, top_losses.png, most confused pairs, per-class metrics."""
+    """What the model gets wrong on the validation set: confusion.png, top_losses.png (heatmaps.png with --heatmaps), most confused pairs, per-class metrics."""
     from rich.table import Table
 
     from ursa.errors import InterpretError
@@ -43,6 +44,12 @@ def interpret_cmd(
         t.add_row(a, p, str(n))
     console.print(t if mc else f"no pair of classes confused {min_val} or more times")
     console.print(f"wrote {run / 'confusion.png'} and {run / 'top_losses.png'}", highlight=False)
+    if heatmaps:
+        from ursa.interpret.gradcam import load_run_model
+
+        model, data_config = load_run_model(run)
+        interp.plot_top_loss_heatmaps(top, model=model, data_config=data_config, out=run / "heatmaps.png")
+        console.print(f"wrote {run / 'heatmaps.png'}: where the model looked for each answer (Grad-CAM)", highlight=False)
 
 
 def issues_cmd(

@@ -26,7 +26,8 @@ def predict_cmd(
     int8: Int8Opt = False,
     backend: BackendOpt = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime threads (default: its own choice).")] = None,
-    open_set: Annotated[bool, typer.Option("--open-set/--no-open-set", help="Answer 'none of these' under the calibrated threshold.")] = True,
+    open_set: Annotated[bool, typer.Option("--open-set/--no-open-set", help="Answer 'none of these' for unfamiliar photos and under the calibrated threshold.")] = True,
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Write a Grad-CAM heat map of the predicted class over the photo to this PNG (one image only).")] = None,
 ) -> None:
     """Classify images with an exported model: label, probability and top classes per image. Unreadable files become error rows."""
     from rich.table import Table
@@ -38,8 +39,13 @@ def predict_cmd(
     check_number(threads, "--threads", ExportError, integer=True, at_least=1, optional=True, hint="Leave it out for ONNX Runtime's own choice.")
     if csv_out is not None and csv_out.is_dir():
         raise ExportError(f"--csv {csv_out} is a folder. Pass a file name such as {csv_out / 'preds.csv'}.")
+    if explain is not None and (explain.is_dir() or explain.suffix.lower() != ".png"):
+        raise ExportError(f"--explain {explain} must be a .png file name, e.g. --explain heatmap.png.")
     predictor = load_model(model, backend=backend, precision="int8" if int8 else "fp32", threads=threads, open_set=open_set)
     paths = expand_image_paths(images)
+    if explain is not None:
+        _explain(predictor, paths, explain, top_k=top_k)
+        return
     rows = predict_paths(predictor, paths, top_k=top_k)
     t = Table(title=f"{model} ({predictor.backend}, {predictor.precision})", title_justify="left")
     for col in ("image", "label", "prob", "top"):
@@ -47,7 +53,8 @@ def predict_cmd(
     shown = 200
     for r in rows[:shown]:
         if r["status"] == "ok":
-            t.add_row(r["path"], r["label"], f"{r['prob']:.3f}", ", ".join(f"{c} {p:.2f}" for c, p in r["top"]))
+            label = f"{r['label']} ({r['reason']})" if r.get("reason") else r["label"]
+            t.add_row(r["path"], label, f"{r['prob']:.3f}", ", ".join(f"{c} {p:.2f}" for c, p in r["top"]))
         else:
             t.add_row(r["path"], "[red]error[/]", "", r["error"])
     console.print(t)
@@ -60,6 +67,24 @@ def predict_cmd(
     if failed:
         err_console.print(f"[yellow]{failed} of {len(rows)} image(s) could not be read[/] (listed as errors).")
 
+
+
+def _explain(predictor: Any, paths: Sequence[Path], out: Path, *, top_k: int) -> None:
+    """`ursa predict MODEL photo.jpg --explain out.png`: the prediction and its heat map over the photo."""
+    import io
+
+    from ursa._io import atomic_write_bytes
+    from ursa.errors import ExportError
+
+    if len(paths) != 1:
+        raise ExportError(f"--explain takes exactly one image, got {len(paths)}. Pass one photo, e.g. ursa predict MODEL photo.jpg --explain heatmap.png.")
+    pred, _, picture = predictor.explain(paths[0], top_k=top_k)
+    buf = io.BytesIO()
+    picture.save(buf, "PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    label = f"{pred.label} ({pred.reason})" if pred.reason else pred.label
+    console.print(f"{paths[0]}: {label} {pred.prob:.3f} (top: {', '.join(f'{c} {p:.2f}' for c, p in pred.top)})", highlight=False)
+    console.print(f"wrote {out}: where the model looked for {pred.best} (Grad-CAM on the backbone's last stage)", highlight=False)
 
 
 def expand_image_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -83,7 +108,10 @@ def expand_image_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def write_predictions_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], classes: Sequence[str]) -> Path:
-    """Write `predict_paths` rows as CSV (atomically): path,status,label,prob,best,top,error,p_<class>...
+    """Write `predict_paths` rows as CSV (atomically): path,status,label,prob,best,reason,top,error,p_<class>...
+
+    `reason` is empty for an accepted answer, else why it is "none of these" ("unfamiliar" or
+    "unsure between A and B").
 
     `top` is "class:prob" pairs joined by "; "; probabilities have 6 decimals; error rows leave them empty.
     """
@@ -94,9 +122,9 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLik
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "status", "label", "prob", "best", "top", "error", *[f"p_{c}" for c in classes]])
+    w.writerow(["path", "status", "label", "prob", "best", "reason", "top", "error", *[f"p_{c}" for c in classes]])
     for r in rows:
         probs = [f"{float(v):.6f}" for v in r["probs"]] if r["probs"] is not None else [""] * len(classes)
         top = "; ".join(f"{c}:{p:.4f}" for c, p in r["top"])
-        w.writerow([r["path"], r["status"], r["label"], "" if r["prob"] is None else f"{r['prob']:.6f}", r["best"], top, r["error"], *probs])
+        w.writerow([r["path"], r["status"], r["label"], "" if r["prob"] is None else f"{r['prob']:.6f}", r["best"], r.get("reason") or "", top, r["error"], *probs])
     return atomic_write_text(path, buf.getvalue())

@@ -62,8 +62,9 @@ def train_cmd(
     seed: SeedOpt = DATA.seed,
     flip: FlipOpt = DATA.flip,
     allow_new_labels: AllowNewOpt = DATA.allow_new_labels,
-    arch: ArchOpt = TRAIN.arch,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Backbone: efficientnet_lite0/1/2 (packaged weights), any timm name with --weights, or auto: the most accurate packaged one --budget allows. Default: efficientnet_lite0, or auto with --budget.", show_default=False)] = None,
     weights: WeightsOpt = None,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Seconds the run may take: picks the most accurate packaged backbone (and views) whose features fit, measured by a quick probe. Implies --arch auto.")] = None,
     head: Annotated[str, typer.Option("--head", help="Head solver: lbfgs (fitted to convergence, no lr to pick) or one_cycle (SGD epochs, uses --epochs/--lr).")] = TRAIN.head,
     c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the lbfgs head (larger fits the training set harder).")] = TRAIN.c,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of the one_cycle head on cached features.")] = TRAIN.epochs,
@@ -93,7 +94,8 @@ def train_cmd(
     head = "one_cycle" if head == "one-cycle" or (lr is not None and head == "lbfgs") else head  # --lr implies one_cycle
     augmentation = augment(aug, flip_vert=flip_vert, max_rotate=max_rotate, max_zoom=max_zoom, max_lighting=max_lighting, max_warp=max_warp, p_affine=p_affine, p_lighting=p_lighting, min_scale=min_scale)
     data_cfg = data_config(train, valid, labels, valid_pct, seed, flip, allow_new_labels, aug=augmentation)  # checked before torchrun starts
-    cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
+    arch = arch or ("auto" if budget is not None else TRAIN.arch)
+    cfg = TrainConfig(arch=arch, weights=str(weights) if weights else None, budget=budget, head=head, c=c, epochs=epochs, lr=lr, views=views, fine_tune=fine_tune, fine_tune_lr=fine_tune_lr, batch_size=batch_size, threads=threads, size=size)
     cfg = _scale_out(cfg, nproc=nproc, device=device, precision=precision)
     if cfg is None:
         return  # the ranks torchrun started did the training and printed the result
@@ -130,6 +132,10 @@ def _print_result(res) -> None:  # noqa: ANN001
     t.add_row("accuracy", f"{m['accuracy']:.4f}")
     t.add_row("train / valid images", f"{m['n_train']} / {m['n_valid']}" + (f"  ({m['n_skipped']} skipped, see skipped.csv)" if m["n_skipped"] else ""))
     t.add_row("wall time", f"{m['wall_s']:.1f} s  (features {m['feature_s']:.1f} s)")
+    if m.get("budget"):
+        t.add_row("backbone", f"{m['budget'].get('arch')}: {m['budget'].get('why')}")
+    if "ece" in m:
+        t.add_row("calibration", f"temperature {m['temperature']:.3g}, ECE {m['ece']['before']:.4f} -> {m['ece']['after']:.4f}")
     console.print(t)
     console.print(f"results: {res.out}/metrics.json, history.csv, losses.png, models/model.safetensors")
 

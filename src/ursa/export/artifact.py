@@ -10,7 +10,12 @@ models/bears/
   model.safetensors   weights of nn.Sequential(backbone, head) (tensors only)
   model.onnx          the same network as an ONNX graph (float32), checked against PyTorch
   model.int8.onnx     optional: statically quantized (QDQ, per-channel int8) copy
+  open_set.safetensors  optional: the open-set detector on the embedding output (see `ursa.trust`)
 ```
+
+The ONNX model's outputs are "logits", "embedding" (the pooled features the head reads) and, for a
+backbone with a spatial last stage, "feature_map" (Grad-CAM's input); model.json's "calibration" holds
+the temperature that divides the logits before the softmax.
 
 `read_export` refuses a folder whose files do not match the hashes in model.json (tampered, truncated or
 swapped), whose model.json was edited (a lowered open-set threshold, a renamed class), that holds any file
@@ -54,7 +59,11 @@ __all__ = [
 ]
 
 FORMAT = "ursa.export"
-FORMAT_VERSION = 2  # 2: model.json carries content_sha256, and the folder holds only the files it lists
+FORMAT_VERSION = 3  # 2: model.json carries content_sha256, and the folder holds only the files it lists;
+# 3: the ONNX model also gives the embedding (and the feature map), model.json the temperature, and the
+# folder may hold the open-set detector. Version 2 still loads: temperature 1, the softmax threshold only,
+# no heat maps (`Predictor.explain` says to export again).
+READABLE_VERSIONS = (2, 3)
 ONNX_FILE, INT8_FILE, WEIGHTS_FILE, META_FILE = "model.onnx", "model.int8.onnx", "model.safetensors", "model.json"
 
 
@@ -105,8 +114,8 @@ def read_export(folder: str | os.PathLike[str], *, files: Sequence[str] | None =
     if meta.get("format_version") == 1:
         # Not read with the old rules: anyone could then skip the checks below by writing version 1.
         raise ExportError(f"{folder} was exported by an earlier Ursa (format version 1), whose model.json carries no hash of its own content, so edits to it cannot be detected. Export the run again with this Ursa: ursa export runs/NAME --out NEW_FOLDER")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{meta_path} has format version {meta.get('format_version')!r}; this Ursa reads version {FORMAT_VERSION}. Export the run again with this Ursa.")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ExportError(f"{meta_path} has format version {meta.get('format_version')!r}; this Ursa reads versions {', '.join(map(str, READABLE_VERSIONS))}. Export the run again with this Ursa.")
     if meta.get("content_sha256") != content_sha256(meta):
         raise ExportError(f"{meta_path} was edited after export: its content does not match its content_sha256 (a changed class name, threshold or hash is refused). Export the run again; do not load models from an untrusted source.")
     listed = meta.get("files")

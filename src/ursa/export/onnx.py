@@ -149,21 +149,61 @@ def fuse_pads(proto: Any) -> int:
     return fused
 
 
+class _Outputs:
+    """Builds the torch module traced for ONNX: nn.Sequential(backbone, Head) -> (logits, embedding[,
+    feature_map]): the embedding is the pooled features the head reads (the open-set detector's input),
+    the feature map the backbone's last stage before pooling (Grad-CAM's input), when it is one (n, C, h, w)."""
+
+    @staticmethod
+    def wrap(model: Any, size: int) -> tuple[Any, list[str]]:
+        import torch
+        from torch import nn
+
+        body, head = model[0], model[1]
+        names = ["logits", "embedding"]
+        spatial = False
+        if hasattr(body, "forward_features") and hasattr(body, "forward_head"):
+            with torch.no_grad():
+                x = torch.zeros(1, 3, size, size)
+                fmap = body.forward_features(x)
+                spatial = fmap.ndim == 4 and torch.allclose(body.forward_head(fmap), body(x), atol=1e-5)
+        if spatial:
+            names.append("feature_map")
+
+        class WithOutputs(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body, self.head = body, head
+
+            def forward(self, x: Any) -> Any:
+                if spatial:
+                    fmap = self.body.forward_features(x)
+                    emb = self.body.forward_head(fmap)
+                    return self.head(emb), emb, fmap
+                emb = self.body(x)
+                return self.head(emb), emb
+
+        return WithOutputs().eval(), names
+
+
 def to_onnx(model: Any, size: int, classes: list[str], *, opset: int) -> bytes:
-    """The ONNX file (bytes) of `model` for (batch, 3, size, size) float32 input named "input" and
-    (batch, n_classes) logits named "logits", with Ursa's format and `classes` in its metadata."""
+    """The ONNX file (bytes) of `model` (nn.Sequential(backbone, Head)) for (batch, 3, size, size)
+    float32 input named "input", with the outputs "logits" (batch, n_classes), "embedding" (batch, d: the
+    pooled features the head reads) and, for a backbone whose last stage is a spatial feature map,
+    "feature_map" (batch, C, h, w: Grad-CAM's input). Ursa's format and `classes` are in its metadata."""
     import onnx
     import torch
 
     model = static_same_padding(model, size)
+    wrapped, names = _Outputs.wrap(model, size)
     buf = io.BytesIO()
     x = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         try:
             torch.onnx.export(
-                model, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True,
+                wrapped, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"], output_names=names,
+                dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}}, do_constant_folding=True,
             )  # fmt: skip
         except Exception as exc:  # the exporter raises many kinds for unsupported operators
             raise ExportError(f"PyTorch could not convert this model to ONNX opset {opset} ({type(exc).__name__}: {exc}). Try another --opset.") from None

@@ -5,10 +5,17 @@ function here, which reproduces training's evaluation transform (`ursa.data.tran
 `eval_transform`) with Pillow and numpy only, so serving needs neither torch nor torchvision: torch,
 timm and safetensors' torch loader are imported only inside the functions of the torch backend.
 
-Open set: a photo of none of the classes still gets a softmax over the classes. The export records a
-threshold on the top probability, calibrated on the validation set (by default the 5th percentile of
-the top probability of correctly classified validation images, so about 95% of good predictions pass);
-below it the prediction is `NONE_OF_THESE`.
+Calibration: probabilities are softmax(logits / T), T the temperature training fitted out of fold
+(model.json "calibration"; 1 for an export without one).
+
+Open set: a photo of none of the classes still gets a softmax over the classes, so there are two
+reasons to answer `NONE_OF_THESE`. "unfamiliar": the open-set detector (a distance from the training
+embeddings, `ursa.trust.OpenSetDetector`, on the model's "embedding" output) puts the photo beyond its
+threshold. "unsure between A and B": the top probability is under the softmax threshold, calibrated on
+the validation set (by default the 5th percentile of the top probability of correctly classified
+validation images, so about 95% of good predictions pass). `Prediction.reason` says which.
+
+Why: `Predictor.explain` gives a Grad-CAM heat map from the "feature_map" output and the head's weights.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from PIL import Image
 from ursa.errors import BadImageError, ExportError, UrsaError
 from ursa.export.artifact import INT8_FILE, META_FILE, ONNX_FILE, WEIGHTS_FILE, read_export
 from ursa.imageio import MAX_PIXELS, decode_image, eval_crop_mode, eval_geometry, eval_input, eval_min_side
+from ursa.trust import DETECTOR_FILE, OpenSetDetector, class_activation_map, detector_from_bytes, overlay, scaled_softmax
 
 __all__ = [
     "NONE_OF_THESE",
     "Prediction",
     "Predictor",
+    "UNFAMILIAR",
     "build_torch",
     "load_model",
     "ort_session",
@@ -41,6 +50,7 @@ __all__ = [
 ]
 
 NONE_OF_THESE = "none of these"  # the label of a prediction under the open-set threshold
+UNFAMILIAR = "unfamiliar"  # the reason of a prediction the open-set detector turns away
 _HEAD_KEYS = ("1.bn.weight", "1.bn.bias", "1.bn.running_mean", "1.bn.running_var", "1.fc.weight", "1.fc.bias")
 
 
@@ -136,6 +146,8 @@ class Prediction:
     probs: np.ndarray
     top: list[tuple[str, float]]  # the k most probable classes, best first
     ms: dict[str, float] = field(default_factory=dict)  # decode / preprocess / model / total milliseconds
+    reason: str | None = None  # why rejected: UNFAMILIAR, or "unsure between A and B"; None when accepted
+    unfamiliarity: float | None = None  # the open-set detector's score (above its threshold: unfamiliar); None without one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the web API's answer)."""
@@ -145,6 +157,8 @@ class Prediction:
             "prob": round(float(self.prob), 6),
             "best": self.best,
             "rejected": self.rejected,
+            "reason": self.reason,
+            "unfamiliarity": None if self.unfamiliarity is None else round(float(self.unfamiliarity), 6),
             "top": [{"label": c, "prob": round(float(p), 6)} for c, p in self.top],
             "ms": {k: round(v, 2) for k, v in self.ms.items()},
         }
@@ -158,6 +172,8 @@ class Predictor:
     ONNX file. `threads` sets ONNX Runtime's intra-op threads (None: its default);
     `spin=False` lets idle worker threads sleep (better when a server shares the cores).
     `open_set=False` never answers NONE_OF_THESE. A Predictor is safe to call from several threads.
+    `temperature` is the calibration applied (1.0 when the export has none), `detector` the open-set
+    detector (None when the export has none or `open_set=False`).
     """
 
     def __init__(
@@ -197,6 +213,20 @@ class Predictor:
         self.size = int(self.data_config["input_size"][-1])
         self._min_side = eval_min_side(self.data_config)  # JPEG draft never below the resize's short side
         self.threshold: float = float(meta.get("open_set", {}).get("threshold", 0.0)) if open_set else 0.0
+        self.temperature: float = float((meta.get("calibration") or {}).get("temperature") or 1.0)
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ExportError(f"{self.folder / META_FILE} records the temperature {self.temperature!r}; it must be a positive number. Export the run again.")
+        self.detector: OpenSetDetector | None = None
+        if open_set and DETECTOR_FILE in data:
+            try:
+                self.detector = detector_from_bytes(data[DETECTOR_FILE], where=str(self.folder / DETECTOR_FILE))
+            except UrsaError as exc:
+                raise ExportError(f"{exc} Export the run again.") from None
+        self._outputs: dict[str, Any] = dict(meta.get("outputs") or {"logits": "logits"})  # a version 2 export: logits only
+        self._head: tuple[np.ndarray, np.ndarray] | None = None  # the head's effective weights, for explain (lazy)
+        self._weights = data.get(WEIGHTS_FILE)
+        if self.detector is not None and not self._outputs.get("embedding"):
+            raise ExportError(f"{self.folder} holds an open-set detector but its model gives no embedding. Export the run again.")
         self.backend, self.precision, self.max_pixels = backend, precision, max_pixels
         # One helper thread lets preprocessing use a second core (see `preprocess`); with one thread, none.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ursa-preprocess") if (threads or os.cpu_count() or 1) >= 2 else None
@@ -211,6 +241,10 @@ class Predictor:
             shape = self._session.get_inputs()[0].shape
             if self._session.get_inputs()[0].name != self._input or list(shape[1:]) != [3, self.size, self.size]:
                 raise ExportError(f"{onnx_file} takes {shape}, not the (n, 3, {self.size}, {self.size}) recorded in {META_FILE}. Export the run again.")
+            have = {o.name for o in self._session.get_outputs()}
+            missing = [v for v in self._outputs.values() if v and v not in have]
+            if missing:
+                raise ExportError(f"{onnx_file} has no output {missing[0]!r}, which {META_FILE} lists. Export the run again.")
             self._torch = None
         else:
             from safetensors.torch import load as load_safetensors
@@ -229,18 +263,33 @@ class Predictor:
         return f"Predictor({str(self.folder)!r}, backend={self.backend!r}, precision={self.precision!r}, classes={len(self.classes)})"
 
     # -- the network --
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 logits."""
+    def run(self, x: np.ndarray, *, embedding: bool = False, feature_map: bool = False) -> list[np.ndarray]:
+        """(n, 3, S, S) float32 preprocessed batch -> [logits (n, n_classes)], then the embedding (n, d)
+        and the feature map (n, C, h, w) when asked for (ExportError when this export has no such output)."""
+        want = ["logits"] + (["embedding"] if embedding else []) + (["feature_map"] if feature_map else [])
+        for name in want[1:]:
+            if not self._outputs.get(name):
+                what = "heat maps (--explain)" if name == "feature_map" else "the open-set detector"
+                raise ExportError(f"{self.folder} has no {name} output, which {what} needs: it was exported by an earlier Ursa or from a backbone without a spatial last stage. Export the run again with this Ursa: ursa export runs/NAME --out NEW_FOLDER")
         if self._session is not None:
-            return self._session.run(None, {self._input: x})[0]
+            return list(self._session.run([self._outputs[n] for n in want], {self._input: x}))
         import torch
 
         with torch.inference_mode():
-            return self._torch(torch.from_numpy(x)).numpy()
+            body, head = self._torch[0], self._torch[1]
+            xt = torch.from_numpy(x)
+            fmap = body.forward_features(xt) if feature_map else None
+            emb = body.forward_head(fmap) if fmap is not None else body(xt)
+            out = [head(emb).numpy()] + ([emb.numpy()] if embedding else []) + ([fmap.numpy()] if fmap is not None else [])
+        return out
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 logits (before the temperature)."""
+        return self.run(x)[0]
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 probabilities."""
-        return softmax(self.logits(x))
+        """(n, 3, S, S) float32 preprocessed batch -> (n, n_classes) float32 calibrated probabilities."""
+        return scaled_softmax(self.logits(x), self.temperature)
 
     # -- images --
     def load(self, img: Any) -> np.ndarray:
@@ -254,17 +303,27 @@ class Predictor:
         t1 = time.perf_counter()
         x = preprocess(im, self.data_config, pool=self._pool)
         t2 = time.perf_counter()
-        p = self.probs(x)[0]
+        out = self.run(x, embedding=self.detector is not None)
+        p = scaled_softmax(out[0], self.temperature)[0]
         t3 = time.perf_counter()
-        pred = self.interpret(p, top_k=top_k)
+        pred = self.interpret(p, top_k=top_k, embedding=out[1][0] if self.detector is not None else None)
         pred.ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
         return pred
 
-    def interpret(self, probs: np.ndarray, *, top_k: int = 3) -> Prediction:
-        """A (n_classes,) probability vector -> Prediction, applying the open-set threshold."""
+    def interpret(self, probs: np.ndarray, *, top_k: int = 3, embedding: np.ndarray | None = None) -> Prediction:
+        """A (n_classes,) probability vector (and the (d,) embedding, for the detector) -> Prediction,
+        applying the open-set rules: the detector first ("unfamiliar"), then the softmax threshold
+        ("unsure between A and B", the two most probable classes)."""
         order = np.argsort(-probs, kind="stable")
         k = int(order[0])
-        rejected = bool(probs[k] < self.threshold)
+        score = float(self.detector.score(embedding[None])[0]) if self.detector is not None and embedding is not None else None
+        reason = None
+        if score is not None and score > self.detector.threshold:  # type: ignore[union-attr]
+            reason = UNFAMILIAR
+        elif probs[k] < self.threshold:
+            second = self.classes[int(order[1])] if len(order) > 1 else self.classes[k]
+            reason = f"unsure between {self.classes[k]} and {second}"
+        rejected = reason is not None
         top = [(self.classes[int(i)], float(probs[i])) for i in order[: max(1, top_k)]]
         return Prediction(
             label=NONE_OF_THESE if rejected else self.classes[k],
@@ -274,7 +333,55 @@ class Predictor:
             rejected=rejected,
             probs=probs,
             top=top,
+            reason=reason,
+            unfamiliarity=score,
         )
+
+    # -- why --
+    @property
+    def can_explain(self) -> bool:
+        """Whether this export gives heat maps (its model has the feature-map output)."""
+        return bool(self._outputs.get("feature_map"))
+
+    def head_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head as one linear map of the embedding: (weight (n_classes, d), bias (n_classes,)), its
+        BatchNorm (eval mode) folded into the linear layer. Read from model.safetensors with numpy."""
+        if self._head is None:
+            from safetensors.numpy import load
+
+            sd = load(self._weights) if self._weights is not None else {}
+            try:
+                w, b = sd["1.fc.weight"].astype(np.float64), sd["1.fc.bias"].astype(np.float64)
+                gamma, beta = sd["1.bn.weight"].astype(np.float64), sd["1.bn.bias"].astype(np.float64)
+                mean, var = sd["1.bn.running_mean"].astype(np.float64), sd["1.bn.running_var"].astype(np.float64)
+            except KeyError as exc:
+                raise ExportError(f"{self.folder / WEIGHTS_FILE} has no head weight {exc}. Export the run again.") from None
+            scale = gamma / np.sqrt(var + 1e-5)  # BatchNorm1d's default eps
+            self._head = ((w * scale).astype(np.float32), (b + w @ (beta - mean * scale)).astype(np.float32))
+        return self._head
+
+    def explain(self, img: Any, *, target: str | None = None, top_k: int = 3) -> tuple[Prediction, np.ndarray, Image.Image]:
+        """(prediction, heat map, overlay) for one image: Grad-CAM of the predicted class (or `target`)
+        on the backbone's last stage. The heat map is (h, w) float32 in [0, 1] at the feature map's
+        resolution; the overlay is the model's input crop (S x S pixels) with the map blended in.
+        ExportError when the export has no feature-map output (an earlier format: export again)."""
+        t0 = time.perf_counter()
+        im = decode_image(_image_source(img), min_side=self._min_side, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        x = preprocess(im, self.data_config, pool=self._pool)
+        t2 = time.perf_counter()
+        outs = self.run(x, embedding=self.detector is not None, feature_map=True)
+        logits, fmap = outs[0], outs[-1]
+        pred = self.interpret(scaled_softmax(logits, self.temperature)[0], top_k=top_k, embedding=outs[1][0] if self.detector is not None else None)
+        if target is not None and target not in self.classes:
+            raise ExportError(f"{target!r} is not one of this model's classes ({', '.join(self.classes)}).")
+        c = self.classes.index(target) if target is not None else self.classes.index(pred.best)
+        cam = class_activation_map(fmap[0], self.head_weights()[0][c])
+        t3 = time.perf_counter()
+        pred.ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        mean, std = np.asarray(self.data_config["mean"], np.float32), np.asarray(self.data_config["std"], np.float32)
+        crop = np.clip((x[0].transpose(1, 2, 0) * std + mean) * 255, 0, 255).astype(np.uint8)  # the pixels the model saw
+        return pred, cam, overlay(Image.fromarray(crop, "RGB"), cam)
 
     def predict(self, img: Any) -> tuple[str, int, np.ndarray]:
         """(label, index, probs) for one image (a file path, the bytes of an image file or a PIL image), as
@@ -313,7 +420,7 @@ def load_model(folder: str | os.PathLike[str], **options: Any) -> Predictor:
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str | os.PathLike[str]], *, top_k: int = 3, on_done: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
-    """One row per path: {path, status "ok" | "error", label, index, prob, best, top, error, probs}.
+    """One row per path: {path, status "ok" | "error", label, index, prob, best, reason, top, error, probs}.
 
     A file that cannot be read becomes a row with status "error" and the reason; nothing raises.
     `probs` is the (n_classes,) array, or None for an error row.
@@ -322,9 +429,9 @@ def predict_paths(predictor: Predictor, paths: Sequence[str | os.PathLike[str]],
     for i, path in enumerate(paths):
         try:
             pred = predictor.predict_image(path, top_k=top_k)
-            rows.append({"path": str(path), "status": "ok", "label": pred.label, "index": pred.index, "prob": pred.prob, "best": pred.best, "top": pred.top, "error": "", "probs": pred.probs})
+            rows.append({"path": str(path), "status": "ok", "label": pred.label, "index": pred.index, "prob": pred.prob, "best": pred.best, "reason": pred.reason, "top": pred.top, "error": "", "probs": pred.probs})
         except BadImageError as exc:
-            rows.append({"path": str(path), "status": "error", "label": "", "index": None, "prob": None, "best": "", "top": [], "error": str(exc), "probs": None})
+            rows.append({"path": str(path), "status": "error", "label": "", "index": None, "prob": None, "best": "", "reason": None, "top": [], "error": str(exc), "probs": None})
         if on_done:
             on_done(i + 1, len(paths))
     return rows

@@ -4,7 +4,8 @@ Two front doors, one path: `export_run` reads a training run folder (config.json
 split.json), `export_learner` takes a Learner in memory and its DataBunch; both gather the same
 `ExportSource` and hand it to `_export`, which does the rest. The steps, each in the module that owns it:
 rebuild the network from the weights (`ursa.export.predictor.build_torch`), convert it
-(`ursa.export.onnx`), compare the two on real validation images, calibrate the open-set threshold,
+(`ursa.export.onnx`), compare the two on real validation images, calibrate the open-set threshold (on
+probabilities at the temperature training fitted; the embedding detector training fitted travels as is),
 quantize on request (`ursa.export.quantize`), and write the folder with its hashes
 (`ursa.export.artifact`). torch, onnx and the quantizer are imported inside the functions only.
 """
@@ -21,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from ursa.errors import BadImageError, ExportError
+from ursa.errors import BadImageError, ExportError, UrsaError
 from ursa.export.artifact import FORMAT, INT8_FILE, ONNX_FILE, WEIGHTS_FILE, check_out, content_sha256, metadata, sha256, write_folder
 from ursa.export.onnx import ONNX_TOLERANCE, to_onnx
 from ursa.export.predictor import build_torch, ort_session, preprocess, softmax
 from ursa.export.quantize import quantize
 from ursa.imageio import decode_image, eval_min_side
+from ursa.trust import DETECTOR_FILE, detector_from_bytes, scaled_softmax
 
 __all__ = ["ExportResult", "ExportSource", "export_learner", "export_run"]
 
@@ -62,6 +64,7 @@ class ExportSource:
     metrics: dict[str, Any]  # training metrics recorded in model.json (error_rate, accuracy, valid_loss, ...)
     source: dict[str, Any]  # model.json's "source": where the weights and the dataset came from
     where: str  # names the weights in messages
+    detector: bytes | None = None  # the open-set detector training fitted (ursa.trust.detector_to_bytes), if any
 
 
 def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -93,8 +96,10 @@ def _from_run(run: Path, data_root: str | os.PathLike[str] | None) -> ExportSour
     classes = list(config["classes"])
     if list(split.classes) != classes:
         raise ExportError(f"split.json lists classes {split.classes}, config.json {classes}: the run folder is inconsistent. Train the run again.")
+    det_path = run / "models" / DETECTOR_FILE
+    detector = det_path.read_bytes() if det_path.is_file() else None
     return ExportSource(state, config["timm_name"], classes, dict(config["data_config"]), split, config, metrics,
-                        {"run": str(run.resolve()), "dataset": config.get("root")}, str(run / "models" / "model.safetensors"))  # fmt: skip
+                        {"run": str(run.resolve()), "dataset": config.get("root")}, str(run / "models" / "model.safetensors"), detector)  # fmt: skip
 
 
 def _from_learner(learn: Any) -> ExportSource:
@@ -217,14 +222,17 @@ def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_qu
     x_check = np.concatenate(xs[:: max(1, len(xs) // max(1, check_images))][:check_images])  # spread over the classes
     with torch.inference_mode():
         ref = model(torch.from_numpy(x_check)).numpy()
-    got = session.run(None, {"input": x_check})[0]
+    got = session.run(["logits"], {"input": x_check})[0]
     diff_logits = float(np.abs(got - ref).max())
     diff_probs = float(np.abs(softmax(got) - softmax(ref)).max())
     say(f"ONNX vs PyTorch on {len(x_check)} validation images: max |logit difference| {diff_logits:.2e}")
     if not diff_logits <= ONNX_TOLERANCE:  # also catches NaN
         raise ExportError(f"the ONNX model differs from PyTorch by up to {diff_logits:.3g} in the logits on real images (limit {ONNX_TOLERANCE:g}). Try another --opset or onnxruntime version; do not serve this model.")
 
-    probs = np.concatenate([softmax(session.run(None, {"input": b})[0]) for b in _batches(xs, 32)])
+    temperature = float(src.metrics.get("temperature") or 1.0)  # fitted out of fold by training (ursa.train.trust)
+    outs = [session.run(["logits", "embedding"], {"input": b}) for b in _batches(xs, 32)]
+    probs = np.concatenate([scaled_softmax(o[0], temperature) for o in outs])
+    embeddings = np.concatenate([o[1] for o in outs])
     y = np.asarray(ys)
     pred = probs.argmax(1)
     acc = float((pred == y).mean())
@@ -241,7 +249,19 @@ def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_qu
         "n_valid": int(len(y)),
         "valid_accepted": round(float(accepted.mean()), 4),
         "valid_accuracy_accepted": round(float((pred[accepted] == y[accepted]).mean()) if accepted.any() else 0.0, 4),
+        "detector": None,
     }
+    files_extra: dict[str, bytes] = {}
+    if src.detector is not None:
+        try:
+            det = detector_from_bytes(src.detector, where=f"the open-set detector of {src.where}")
+        except UrsaError as exc:
+            raise ExportError(f"{exc} Train the run again.") from None
+        unfamiliar = det.unfamiliar(embeddings)
+        open_set["detector"] = {**det.describe(), "file": DETECTOR_FILE, "input": "embedding", "fitted": "training embeddings; threshold accepts 95% of correctly classified out-of-fold training images",
+                                "valid_accepted": round(float((~unfamiliar).mean()), 4), "valid_accepted_both_rules": round(float((accepted & ~unfamiliar).mean()), 4)}  # fmt: skip
+        files_extra[DETECTOR_FILE] = src.detector
+        say(f"open-set detector ({det.method}): {float((~unfamiliar).mean()):.1%} of validation images accepted")
 
     int8_info = None
     int8_bytes = None
@@ -249,7 +269,7 @@ def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_qu
         say(f"quantizing to int8 on up to {calibration_images} training images")
         int8_bytes, n_cal, kept = quantize(onnx_bytes, train_paths, data_config, n=calibration_images)
         s8 = ort_session(int8_bytes, threads=None, spin=True)
-        p8 = np.concatenate([softmax(s8.run(None, {"input": b})[0]) for b in _batches(xs, 32)])
+        p8 = np.concatenate([scaled_softmax(s8.run(["logits"], {"input": b})[0], temperature) for b in _batches(xs, 32)])
         acc8 = float((p8.argmax(1) == y).mean())
         int8_info = {
             "file": INT8_FILE,
@@ -265,6 +285,9 @@ def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_qu
 
     meta = metadata(src.source, out, src.config, src.metrics, classes, data_config, size, opset, open_set, int8_info, tolerance=ONNX_TOLERANCE)
     meta["onnx"].update({"max_abs_diff_logits": diff_logits, "max_abs_diff_probs": diff_probs, "checked_images": int(len(x_check))})
+    outputs = [o.name for o in session.get_outputs()]
+    meta["outputs"] = {"logits": "logits", "embedding": "embedding", "feature_map": "feature_map" if "feature_map" in outputs else None}
+    meta["calibration"] = {"temperature": round(temperature, 6), "ece": src.metrics.get("ece"), "applied": "probabilities = softmax(logits / temperature)"}
     meta["metrics"]["export_valid"] = {"accuracy": round(acc, 4), "error_rate": round(1 - acc, 4), "n": int(len(y)), "n_unreadable": len(skipped), "views": "single (no test-time augmentation)"}
     from safetensors.torch import save
 
@@ -274,6 +297,7 @@ def _export(src: ExportSource, out: Path, *, retry: str, int8: bool, open_set_qu
     }
     if int8_bytes is not None:
         files[INT8_FILE] = int8_bytes
+    files.update(files_extra)
     meta["files"] = {name: {"sha256": sha256(b), "bytes": len(b)} for name, b in files.items()}
     meta["content_sha256"] = content_sha256(meta)  # last: it covers everything above, the file hashes included
     write_folder(out, files, meta, retry=retry)

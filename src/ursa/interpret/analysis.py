@@ -165,6 +165,23 @@ class ClassificationInterpretation:
         return image_grid(images, titles, title_colors=colors, suptitle="predicted/actual / loss / probability of actual", figsize=figsize, out=out)
 
 
+    def plot_top_loss_heatmaps(self, k: int = 9, *, model: Any, data_config: dict[str, Any], figsize: tuple[float, float] | None = None, out: str | Path | None = None) -> Any:
+        """`plot_top_losses` with a Grad-CAM heat map of the predicted class over each image (the model's
+        input crop): where the model looked for the answer it gave. `model` is nn.Sequential(backbone,
+        head) and `data_config` its preprocessing (`ursa.interpret.gradcam.load_run_model(run)` gives both)."""
+        from ursa.interpret.gradcam import heatmap_overlays
+        from ursa.interpret.plots import image_grid
+
+        figsize = _figsize(figsize)
+        if self.names is None or self.root is None:
+            raise InterpretError("plot_top_loss_heatmaps needs the image files; build the interpretation with from_run(run_dir), or with from_learner(learn) on its validation set.")
+        losses, idx = self.top_losses(k)
+        images = heatmap_overlays(model, data_config, [self.root / self.names[i] for i in idx.tolist()], [int(self.preds[i]) for i in idx.tolist()])
+        titles = [f"{self.classes[self.preds[i]]}/{self.classes[self.targets[i]]}\n{loss:.2f} / {self.probs[i, self.targets[i]]:.2f}" for loss, i in zip(losses.tolist(), idx.tolist())]
+        colors = ["black" if self.preds[i] == self.targets[i] else "tab:red" for i in idx.tolist()]
+        return image_grid(images, titles, title_colors=colors, suptitle="predicted/actual / loss / probability of actual; heat: where the model looked for its answer (Grad-CAM)", figsize=figsize, out=out)
+
+
 def _figsize(figsize: Any) -> tuple[float, float] | None:
     """A checked (width, height) in inches, or None; checked before a figure is made."""
     if figsize is None:

@@ -139,27 +139,18 @@ def out_of_sample_probs(
     smoothing by default: confident learning reads the probabilities themselves, and smoothing caps them.
     Returns (n, n_classes) float32; rows sum to 1.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from ursa.train.head import fit_fold_heads
+    from ursa.errors import TrainError
+    from ursa.train.head import assign_folds, fit_fold_heads
 
     n = len(views)
     labels = np.asarray(labels, dtype=np.int64)
     if n != len(labels):
         raise InterpretError(f"{n} feature rows but {len(labels)} labels; they must match.")
     k = int(folds)
-    if k < 2 or n < 2 * k:
-        raise InterpretError(f"{n} images are too few for a {folds}-fold search; it needs at least {2 * max(2, folds)}. Add images.")
-    grp = np.asarray(groups if groups is not None else np.arange(n))
-    _, grp_ids = np.unique(grp, return_inverse=True)
-    if grp_ids.max(initial=-1) + 1 < k:  # copies of one picture stay in one fold: a fold per group at least
-        raise InterpretError(f"the {n} images are only {grp_ids.max() + 1} distinct pictures (copies count once), too few for a {k}-fold search. Add images.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # classes smaller than k: some folds hold none of them, which is fine
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        fold_of = np.empty(n, np.int64)
-        for f, (_, te) in enumerate(splitter.split(np.zeros(n), labels, grp_ids)):
-            fold_of[te] = f
+    try:
+        fold_of = assign_folds(labels, folds=k, groups=groups, seed=seed)
+    except TrainError as exc:
+        raise InterpretError(str(exc)) from None
     return fit_fold_heads(views, labels, fold_of, folds=k, n_classes=n_classes, predict_views=predict_views, epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing, wd=wd, dropout=dropout, seed=seed)
 
 

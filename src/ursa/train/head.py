@@ -26,7 +26,7 @@ from ursa.models import Head
 from ursa.train.callbacks import CACHED
 from ursa.train.schedule import apply_one_cycle
 
-__all__ = ["lbfgs_linear", "set_linear", "fit_linear_head", "fit_fold_heads", "MIN_FOLD_STEPS"]
+__all__ = ["lbfgs_linear", "set_linear", "fit_linear_head", "assign_folds", "fit_fold_heads", "fold_logits_lbfgs", "MIN_FOLD_STEPS"]
 
 MIN_FOLD_STEPS = 150  # fewest optimiser steps of the k-fold heads, however small the dataset
 
@@ -80,6 +80,53 @@ def fit_linear_head(learn: Any, *, c: float = 0.5, max_iter: int = 300) -> None:
     with torch.no_grad():
         ce = float(F.cross_entropy(head(x), y))
     learn.recorder.add_row({"stage": "head", "epoch": 0, "train_loss": ce, "lr": float("nan"), "seconds": round(time.perf_counter() - t0, 3), "batches": 0, "iterations": evals, **learn.validate()}, path=CACHED)
+
+
+def assign_folds(labels: np.ndarray, *, folds: int, groups: Sequence[Any] | None = None, seed: int = 42) -> np.ndarray:
+    """(n,) int64 fold of each item in 0..folds-1: a stratified group k-fold (scikit-learn's
+    StratifiedGroupKFold, shuffled with `seed`), so folds keep the class mix and `groups` keeps copies
+    of one picture in one fold (a copy cannot vouch for itself). TrainError when there are too few items."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels, dtype=np.int64)
+    n, k = len(labels), int(folds)
+    if k < 2 or n < 2 * k:
+        raise TrainError(f"{n} images are too few for a {folds}-fold search; it needs at least {2 * max(2, folds)}. Add images.")
+    grp = np.asarray(groups if groups is not None else np.arange(n))
+    _, grp_ids = np.unique(grp, return_inverse=True)
+    if grp_ids.max(initial=-1) + 1 < k:  # copies of one picture stay in one fold: a fold per group at least
+        raise TrainError(f"the {n} images are only {grp_ids.max() + 1} distinct pictures (copies count once), too few for a {k}-fold search. Add images.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes smaller than k: some folds hold none of them, which is fine
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        fold_of = np.empty(n, np.int64)
+        for f, (_, te) in enumerate(splitter.split(np.zeros(n), labels, grp_ids)):
+            fold_of[te] = f
+    return fold_of
+
+
+def fold_logits_lbfgs(views: Sequence[Sequence[np.ndarray]], labels: np.ndarray, fold_of: np.ndarray, *, folds: int, n_classes: int, c: float = 0.5, max_iter: int = 300) -> np.ndarray:
+    """Out-of-fold logits of the recipe's own head: for each fold f, `lbfgs_linear` (the L-BFGS head
+    with the same `c`) on every view of the items outside fold f, applied to the plain view (views[i][0])
+    of the items in fold f, as the exported model sees a photo. The heads are fitted one after another
+    (see the module docstring for why not batched). Returns (n, n_classes) float32 logits."""
+    labels = np.asarray(labels, dtype=np.int64)
+    fold_of = np.asarray(fold_of, dtype=np.int64)
+    plain = torch.from_numpy(np.stack([v[0] for v in views]).astype(np.float32))
+    out = np.zeros((len(views), n_classes), np.float32)
+    for f in range(folds):
+        inside = np.flatnonzero(fold_of == f)
+        outside = np.flatnonzero(fold_of != f)
+        if len(inside) == 0 or len(outside) == 0:
+            continue
+        rows = [(v, int(labels[i])) for i in outside for v in views[i]]
+        x = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.float32))
+        y = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        w, b, _ = lbfgs_linear(x, y, n_classes, c=c, max_iter=max_iter)
+        out[inside] = (plain[inside] @ w.T + b).numpy()
+    return out
 
 
 def fit_fold_heads(

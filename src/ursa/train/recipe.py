@@ -14,7 +14,8 @@ train` and a notebook train through one path:
 4. Optionally (`fine_tune` > 0) `learn.unfreeze()` and `learn.fit_one_cycle` on images with
    discriminative learning rates (mixed precision, channels-last and DDP are the Learner's callbacks).
 5. Write the run folder, whole and only once the run has succeeded: config.json, split.json,
-   history.csv, metrics.json, losses.png, predictions.csv and models/model.safetensors.
+   history.csv, metrics.json, losses.png, predictions.csv, models/model.safetensors and (unless fine-tuned)
+   models/open_set.safetensors; metrics.json carries the temperature and ECE fitted out of fold (`trust.py`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def head_learner(root: str | Path, data: DataConfig = DataConfig(), train: Train
     """The recipe's Learner, frozen, with its feature cache computed (for lr_find or custom schedules on
     the head: they run on the cache); nothing else written."""
     split = build_split(root, data)
+    train, _ = _resolve_arch(split, train, data)
     backbone = prepare_backbone(train)
     learn = recipe_learner(split, backbone, train, data, out=Path("."), progress=progress, console=console)
     learn.features()
@@ -150,6 +152,7 @@ def train_run(
     progress = progress and dist.is_main()
     say({"type": "stage", "stage": "reading the dataset"})
     split = split or build_split(root, data)
+    train, choice = _resolve_arch(split, train, data) if backbone is None else (train, None)
     say({"type": "stage", "stage": "loading the backbone"})
     backbone = prepare_backbone(train, backbone)
     out = Path(out)  # nothing is written there until the run has succeeded (see _publish_run)
@@ -173,6 +176,7 @@ def train_run(
     model, head = learn.model, learn.model[1]
     probs = _tta_probs(head, fd.x_valid)
     stage = "head"
+    trust = _fit_trust(fd, head, split.classes, train, data) if train.fine_tune == 0 and dist.is_main() else None
 
     # ---- stage 2 (optional): full fine-tuning on images ----
     runtime: dict[str, Any] = {"device": str(device), "world_size": dist.world_size()}
@@ -199,12 +203,41 @@ def train_run(
         "feature_s": round(feat_s, 2),
         "wall_s": round(wall, 2),
     }
+    metrics.update(_trust_metrics(trust, probs, y))
+    if choice is not None:
+        metrics["budget"] = choice  # what --arch auto / --budget picked, the estimates and why
     say({"type": "stage", "stage": "writing the run folder"})
     if dist.is_main():
-        out = _publish_run(out, lambda folder: _write_run(folder, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime))
+        out = _publish_run(out, lambda folder: _write_run(folder, split, backbone, train, data, model, history, batch_losses, metrics, fd, probs, runtime=runtime, trust=trust))
     out = dist.broadcast(out)  # rank 0's folder, so every rank names the same one
     dist.barrier()  # the run folder is complete before any rank returns
     return RunResult(out, metrics, model, split.classes, split, backbone, history)
+
+
+def _resolve_arch(split: Split, train: TrainConfig, data: DataConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """`ursa.train.budget.resolve_arch`: the backbone --arch auto / --budget picks (the config unchanged otherwise)."""
+    from ursa.train.budget import resolve_arch
+
+    return resolve_arch(split, train, data)
+
+
+def _fit_trust(fd: FeatureData, head: nn.Module, classes: list[str], train: TrainConfig, data: DataConfig) -> Any:
+    """The run's temperature and open-set detector, fitted out of fold on the training features
+    (`ursa.train.trust`); on the single process that writes the run."""
+    from ursa.train.trust import fit_trust
+
+    return fit_trust(fd, head, n_classes=len(classes), solver=train.head, c=train.c, seed=data.seed)
+
+
+def _trust_metrics(trust: Any, probs: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """metrics.json's `temperature`, `ece` (validation, 15 bins, before and after scaling) and `open_set`.
+    A fine-tuned run is not calibrated: the cached features describe the body before fine-tuning."""
+    from ursa.trust import ECE_BINS, expected_calibration_error
+
+    if trust is not None:
+        return dict(trust.info)
+    e = round(expected_calibration_error(probs.numpy(), y.numpy()), 4)
+    return {"temperature": 1.0, "ece": {"before": e, "after": e, "bins": ECE_BINS}, "calibration_note": "not calibrated: the fine-tuned body is not the one the cached features describe"}
 
 
 def _fine_tune(learn: Learner, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, *, device: torch.device = torch.device("cpu"), runtime: dict[str, Any] | None = None) -> torch.Tensor:
@@ -276,8 +309,10 @@ def _publish_run(out: Path, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(stage, ignore_errors=True)  # only this run's own staging files
 
 
-def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor, *, runtime: dict[str, Any] | None = None) -> None:
+def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, data: DataConfig, model: nn.Module, history: list[dict[str, Any]], batch_losses: list[float], metrics: dict[str, Any], fd: FeatureData, probs: torch.Tensor, *, runtime: dict[str, Any] | None = None, trust: Any = None) -> None:
     from safetensors.torch import save
+
+    from ursa.trust import DETECTOR_FILE, detector_to_bytes
 
     config = {
         "root": str(split.root.resolve()),  # absolute: export, interpret and report may run from another folder
@@ -293,6 +328,7 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "runtime": runtime or {},  # device, processes, precision and its reason, fine-tuning images/s
+        "budget": metrics.get("budget"),  # --arch auto / --budget: what was picked and why (None: the arch was named)
     }
     atomic_write_json(out / "config.json", config)
     save_split(split, out / "split.json")
@@ -302,6 +338,8 @@ def _write_run(out: Path, split: Split, backbone: Backbone, train: TrainConfig, 
     rec.plot_loss(out / "losses.png")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(out / "models" / "model.safetensors", save(state, metadata={"classes": json.dumps(split.classes), "arch": backbone.arch}))
+    if trust is not None and trust.detector is not None:
+        atomic_write_bytes(out / "models" / DETECTOR_FILE, detector_to_bytes(trust.detector))
     _write_predictions(out / "predictions.csv", fd.valid_names, fd.y_valid, probs, split.classes)
     skipped = [[s.name, s.reason] for s in split.skipped] + [[s.name, s.reason] for s in fd.failed]
     if skipped:

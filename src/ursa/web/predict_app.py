@@ -4,7 +4,9 @@
 
 - `GET /` a page (plain HTML + JS): upload, drag-and-drop or paste a photo, see the top classes as bars;
 - `POST /predict` the image as multipart field `file`, or as the raw request body -> JSON
-  `{label, index, prob, best, rejected, top: [{label, prob}], ms, threshold}`; `?top_k=` (1..100);
+  `{label, index, prob, best, rejected, reason, unfamiliarity, top: [{label, prob}], ms, threshold}`
+  (`reason`: "unfamiliar" or "unsure between A and B" when rejected, else null); `?top_k=` (1..100);
+  `?heatmap=true` adds `heatmap`, the Grad-CAM of the answer over the model's input crop (a PNG data URL);
 - `GET /health` liveness and the loaded model; `GET /model` model.json (less local paths);
 - `GET /docs`, `GET /openapi.json` the OpenAPI description.
 
@@ -64,9 +66,12 @@ class PredictionOut(BaseModel):
     prob: float  # top probability, 0..1
     best: str  # the most probable class, also when rejected
     rejected: bool
+    reason: str | None = None  # why "none of these": "unfamiliar" (open-set detector) or "unsure between A and B" (softmax); None when accepted
+    unfamiliarity: float | None = None  # the open-set detector's score (higher: less like the training photos); None without a detector
     top: list[TopClass]
     ms: dict[str, float]  # decode / preprocess / model / total milliseconds on the server
     threshold: float
+    heatmap: str | None = None  # with ?heatmap=true: the model's input crop with Grad-CAM drawn on, as a data:image/png URL
 
 
 _BODY_DOC = {
@@ -182,8 +187,9 @@ def add_predict_route(
             raise _Fail(400, "no file in the form. Send the image as the multipart field named 'file'.")
         return upload.file, [form.close]  # closes the upload's file too
 
-    def predict_spooled(src: IO[bytes], top_k: int) -> dict[str, Any]:
-        """Read the upload back and predict (in a worker thread, inside an inference slot)."""
+    def predict_spooled(src: IO[bytes], top_k: int, heatmap: bool) -> dict[str, Any]:
+        """Read the upload back and predict, with the Grad-CAM picture when `heatmap` (in a worker thread,
+        inside an inference slot)."""
         size = src.seek(0, os.SEEK_END)
         if size > max_upload_bytes:
             raise _Fail(413, too_big)
@@ -191,9 +197,23 @@ def add_predict_route(
             raise _Fail(400, "the request has no image. Send it as the multipart field 'file', or as the raw request body.")
         predictor = get_predictor()
         src.seek(0)
-        return {**predictor.predict_image(src.read(), top_k=top_k).to_dict(), "threshold": predictor.threshold}
+        if not heatmap:
+            return {**predictor.predict_image(src.read(), top_k=top_k).to_dict(), "threshold": predictor.threshold}
+        if not predictor.can_explain:
+            raise _Fail(422, "this model gives no heat maps: it was exported by an earlier Ursa. Export it again (ursa export runs/NAME --out NEW_FOLDER), or leave out heatmap.")
+        import base64
+        import io
 
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`.")) -> Any:
+        pred, _, picture = predictor.explain(src.read(), top_k=top_k)
+        buf = io.BytesIO()
+        picture.save(buf, "PNG")
+        return {**pred.to_dict(), "threshold": predictor.threshold, "heatmap": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
+
+    async def predict(
+        request: Request,
+        top_k: int = Query(5, ge=1, le=100, description="How many classes to list in `top`."),
+        heatmap: bool = Query(False, description="Also return `heatmap`: where the model looked (Grad-CAM), as a PNG data URL."),
+    ) -> Any:
         """Classify one image: its label (or "none of these"), probability and the top classes."""
         nonlocal admitted
         try:
@@ -208,7 +228,7 @@ def add_predict_route(
                 src, release = await spool_upload(request, multipart)
                 try:
                     async with gate:
-                        return await run_in_threadpool(predict_spooled, src, top_k)
+                        return await run_in_threadpool(predict_spooled, src, top_k, heatmap)
                 finally:
                     for close in release:
                         result = close()
@@ -273,7 +293,7 @@ def create_predict_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(request: Request) -> HTMLResponse:
-        ctx = {"name": name, "classes": predictor.classes, "limit_mb": f"{limit_mb:g}", "threshold": predictor.threshold}
+        ctx = {"name": name, "classes": predictor.classes, "limit_mb": f"{limit_mb:g}", "threshold": predictor.threshold, "can_explain": predictor.can_explain}
         resp = templates.TemplateResponse(request, "predict.html", ctx)
         resp.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
         return resp

@@ -10,6 +10,9 @@
   const detailEl = document.getElementById("detail");
   const bars = document.getElementById("bars");
   const errorEl = document.getElementById("error");
+  const why = document.getElementById("why");
+  const heatmap = document.getElementById("heatmap");
+  const explain = document.querySelector("main").dataset.explain === "yes";
   let previewUrl = null;
   let pending = 0; // only the latest request may draw
 
@@ -23,9 +26,12 @@
   function draw(ans) {
     labelEl.textContent = ans.rejected ? "none of these" : ans.label;
     labelEl.className = ans.rejected ? "rejected" : "";
-    detailEl.textContent = ans.rejected
-      ? `Not confident: the closest class is ${ans.best} at ${pct(ans.prob)}, under the threshold of ${pct(ans.threshold)}.`
-      : `${pct(ans.prob)} sure · ${ans.ms.total.toFixed(0)} ms on the server`;
+    const unfamiliar = ans.reason === "unfamiliar";
+    detailEl.textContent = !ans.rejected
+      ? `${pct(ans.prob)} sure · ${ans.ms.total.toFixed(0)} ms on the server`
+      : unfamiliar
+        ? `Unfamiliar: this photo is unlike every training photo (the closest class is ${ans.best} at ${pct(ans.prob)}).`
+        : `Not confident, ${ans.reason || "unsure"}: the closest class is ${ans.best} at ${pct(ans.prob)}, under the threshold of ${pct(ans.threshold)}.`;
     bars.replaceChildren();
     ans.top.forEach((t, i) => {
       const li = document.createElement("li");
@@ -40,6 +46,8 @@
       li.append(fill, name, value);
       bars.append(li);
     });
+    why.hidden = !ans.heatmap;
+    if (ans.heatmap) heatmap.src = ans.heatmap;
     statusEl.textContent = "Prediction";
   }
 
@@ -59,10 +67,11 @@
     labelEl.textContent = "";
     detailEl.textContent = "";
     bars.replaceChildren();
+    why.hidden = true;
     const form = new FormData();
     form.append("file", file, file.name || "pasted-image");
     try {
-      const resp = await fetch("predict?top_k=5", { method: "POST", body: form });
+      const resp = await fetch(explain ? "predict?top_k=5&heatmap=true" : "predict?top_k=5", { method: "POST", body: form });
       const body = await resp.json().catch(() => ({ detail: `the server answered ${resp.status}` }));
       if (mine !== pending) return;
       if (!resp.ok) {
