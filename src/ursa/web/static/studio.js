@@ -1122,7 +1122,9 @@
     label.textContent = ans.rejected ? "none of these" : ans.label;
     label.className = `label ${ans.rejected ? "rejected" : ""}`;
     $("#try-detail").textContent = ans.rejected
-      ? `Not sure: the closest class is ${ans.best} at ${pctAuto(ans.prob)}, under the threshold of ${pctAuto(ans.threshold)}.`
+      ? (ans.reason === "unfamiliar"
+        ? `Unfamiliar: this photo is unlike every training photo (the closest class is ${ans.best} at ${pctAuto(ans.prob)}).`
+        : `Not confident, ${ans.reason || "unsure"}: the closest class is ${ans.best} at ${pctAuto(ans.prob)}, under the threshold of ${pctAuto(ans.threshold)}.`)
       : `${pctAuto(ans.prob)} sure${ans.ms && ans.ms.total !== undefined ? ` · ${ans.ms.total.toFixed(0)} ms on the server` : ""}`;
     $("#try-bars").replaceChildren(...(ans.top || []).slice(0, 3).map((t, i) => {
       const fill = el("div", { class: "fill" });
