@@ -131,3 +131,52 @@ def test_learner_next_batch(tmp_path: Path) -> None:
     assert len(rows) == 4 and all(Path(r["name"]).is_file() and r["guess"] in learn.classes for r in rows)
     assert rows == learn.next_batch(pool, n=4)
     assert not (tmp_path / "next.csv").exists()
+
+
+# ---- ursa next RUN --plan ----------------------------------------------------------------------------
+
+
+def test_plan_writes_the_curve_and_what_to_collect(case: Case, run_cli, tmp_path: Path) -> None:
+    import json
+
+    run = _run_copy(case, tmp_path)
+    code, out, err = run_cli("next", run, "--plan", "--target", "0.01")
+    assert code == 0, err
+    plan = json.loads((run / "plan.json").read_text())
+    assert [p["fraction"] for p in plan["curve"]] == [0.25, 0.5, 0.75, 1.0]
+    assert plan["curve"][0]["n_train"] < plan["curve"][-1]["n_train"]
+    assert plan["target_error"] == 0.01 and [c["label"] for c in plan["classes"]] == list(PLANTED_CLASSES)
+    assert all(c["add"] >= 0 and c["have"] > 0 for c in plan["classes"])
+    assert "learning curve" in out and "what to collect per class" in out and "target error 0.0100 (given)" in out
+
+
+def test_interp_plan_from_a_run(case: Case, tmp_path: Path) -> None:
+    from ursa import ClassificationInterpretation
+
+    run = _run_copy(case, tmp_path)
+    plan = ClassificationInterpretation.from_run(run).plan()
+    assert len(plan.curve) == 4 and plan.target_error == pytest.approx(plan.current_error / 2)
+    assert (run / "plan.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--plan", "--download"], "pip install ddgs"),
+        (["--download"], "--download goes with --plan"),
+        (["--plan", "--target", "1.5"], "--target"),
+        (["--plan", "--pool", "."], "not both"),
+    ],
+)
+def test_plan_bad_input_exits_2(case: Case, run_cli, tmp_path: Path, args: list[str], match: str) -> None:
+    if args == ["--plan", "--download"]:
+        try:
+            import ddgs  # noqa: F401
+
+            pytest.skip("ddgs is installed: the missing-package message cannot be seen")
+        except ImportError:
+            pass
+    run = _run_copy(case, tmp_path)
+    code, out, err = run_cli("next", run, *args)
+    assert code == 2 and match in " ".join(err.split()), (out, err)
+    assert not (run / "plan.json").exists()

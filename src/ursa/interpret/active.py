@@ -6,8 +6,9 @@ over a thousand images takes well under a second once the features are cached:
 - Uncertainty: the margin between the two most likely classes of the calibrated probabilities (softmax of
   the head's logits divided by the run's temperature, `temperature_of`); entropy is the alternative.
 - Diversity and coverage: the candidates are clustered (k-means on normalised embeddings, together with
-  the labelled images, seeded); clusters no labelled image falls in are unexplored regions. Each pick
-  comes from its own cluster, so no two picks show the same thing, and near duplicates of a pick
+  the labelled images, seeded); clusters no labelled image falls in are unexplored regions, taken first,
+  weighted by their size, their uncertainty and their distance from what is labelled or picked. Each
+  pick comes from its own cluster, so no two picks show the same thing, and near duplicates of a pick
   (cosine >= `NEAR_DUPLICATE`) are never picked as well.
 - Pool images that duplicate a training image (same bytes, or cosine >= `NEAR_DUPLICATE`, the threshold
   of the duplicate search in `ursa.interpret.issues`) are skipped: their labels add nothing.
@@ -185,10 +186,11 @@ def select(
     probabilities, `labelled_emb` (n_labelled, d) the training images' embeddings (and `train_hashes`
     their sha256, `pool_hashes` the pool's, to skip byte-identical copies). Pool images copying a
     training image or an earlier pool image are set aside. The rest are clustered together with the
-    labelled images into `n_labelled + n` k-means clusters; the clusters with no labelled image come
-    first (largest first), then the rest by their mean uncertainty; from each, the pick is the image
-    with the highest uncertainty times typicality (cosine to its cluster's centre). Fewer than `n`
-    picks come back when fewer distinct images are left.
+    labelled images into `n_labelled + n` k-means clusters. Clusters with no labelled image come first,
+    one at a time, the one with the largest (images x mean uncertainty x cosine distance from its centre
+    to every labelled image and pick so far); then the others by their mean uncertainty. From each
+    cluster the pick is the image with the highest uncertainty times typicality (cosine to the cluster's
+    centre). Fewer than `n` picks come back when fewer distinct images are left.
     """
     pool = _normalise(pool_emb)
     p = np.asarray(probs, dtype=np.float64)
