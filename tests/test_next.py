@@ -114,6 +114,17 @@ def test_next_bad_input_exits_2_and_writes_nothing(case: Case, run_cli, tmp_path
     assert not any((run / f).exists() for f in ("next.csv", "next.json", "next.png"))
 
 
+def test_next_computes_missing_features(case: Case, run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose feature cache is gone (another machine, a cleared cache): computed, then the picks."""
+    fresh = tmp_path / "cache"
+    monkeypatch.setenv("URSA_CACHE_DIR", str(fresh))
+    run = _run_copy(case, tmp_path)
+    code, out, err = run_cli("next", run, "--pool", case.pool, "--n", "3")
+    assert code == 0, err
+    assert len(_rows(run / "next.csv")) == 3
+    assert len(list(fresh.rglob("*.npy"))) >= 2  # the dataset's features and the pool's, cached apart
+
+
 def test_next_on_a_folder_that_is_not_a_run(case: Case, run_cli, tmp_path: Path) -> None:
     code, out, err = run_cli("next", tmp_path, "--pool", case.pool)
     assert code == 2 and "not a finished training run" in err

@@ -121,3 +121,34 @@ def test_pool_page_needs_the_picks_of_that_pool(pool_case, tmp_path: Path, run_c
     (run / "next.csv").unlink()
     code, out, err = run_cli("review", root, "--run", run, "--pool", pool, "--no-browser")
     assert code == 2 and "ursa next" in err
+
+
+@pytest.mark.browser
+def test_pool_picks_in_the_browser(browser, pool_case, app_server) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    root, run, pool, files = pool_case
+    with app_server(create_review_app(root, run, pool=pool)) as url:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/")
+        cards = page.locator(".grid[data-kind=pool] .card")
+        expect(cards).to_have_count(3)
+        expect(page.locator("#kind-pool")).to_have_text("Label next (3)")
+        first = cards.nth(0)
+        expect(first).to_contain_text("guess: circle")
+        first.get_by_role("button", name="Accept: circle").click()
+        expect(first.locator(".decision")).to_contain_text("labelled circle → circle/pool-a-")
+        cards.nth(1).get_by_label("pick class").select_option("square")
+        expect(cards.nth(1).locator(".decision")).to_contain_text("labelled square")
+        cards.nth(2).get_by_role("button", name="Skip").click()
+        expect(cards.nth(2).locator(".decision")).to_have_text("skipped")
+        expect(page.locator("#pool-progress")).to_have_text("3 of 3 picks done · 2 copied into the dataset")
+        page.reload()  # the journal is the state
+        expect(cards.nth(1).locator(".decision")).to_contain_text("labelled square")
+        cards.nth(1).get_by_role("button", name="Undo").click()
+        expect(cards.nth(1).locator(".decision")).to_have_text("")
+        expect(cards.nth(1).get_by_role("button", name="Skip")).to_be_enabled()
+        assert len(list((root / "square").glob("pool-*"))) == 0 and len(list((root / "circle").glob("pool-*"))) == 1
+        assert not errors, errors
