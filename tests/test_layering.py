@@ -27,6 +27,7 @@ LEVELS = {
     "collect": 1, "verify": 1, "data": 1, "models": 1,
     "train": 2,
     "interpret": 3,
+    "interpret.active": 3, "interpret.suggest": 3, "interpret.plan": 3,  # what to label next (`ursa next`): embeddings and the run's head, below review
     "review": 3,  # interpret's ImageCleaner writes through review's journal, so review sits on interpret's layer
     "export": 4,
     "web": 5, "report": 5, "notebook": 5,  # notebook: the lesson's names, composing every stage below

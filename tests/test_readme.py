@@ -4,7 +4,8 @@ The blocks run in one namespace (a later block uses the `learn` an earlier one m
 holding what the README's prose and commands say is there: `urls_teddys.txt` and `urls_black.txt` listing
 images on a local HTTP server (127.0.0.1), an image search whose answer is already in the search cache (so
 no request leaves the machine), and, made the moment a block first names them, `runs/bears` (`ursa train`),
-`models/bears` (`ursa export`), `data/bears/cleaned.csv` (`ursa review --apply`) and `photo.jpg`. The only
+`models/bears` (`ursa export`), `data/bears/cleaned.csv` (`ursa review --apply`), `photo.jpg` and
+`data/unsorted` (photos for `ursa next --pool`). The only
 edit to the text is the input side: `size=224` runs as `size=64`, so the whole README runs in seconds.
 """
 
@@ -87,6 +88,12 @@ def _makers(work: Path) -> dict[str, tuple[Path, Callable[[], None]]]:
         review.decide("black/" + min(p.name for p in (work / "data/bears/black").iterdir()), "keep")
         review.apply()
 
+    def unsorted() -> None:  # a folder of unlabelled photos (`ursa next --pool`)
+        (work / "data/unsorted").mkdir(parents=True)
+        for cls, style in CLASSES.items():
+            for i in range(12):
+                draw_example(style, 40 + i, size=96, seed=11).save(work / f"data/unsorted/{cls}-{i}.jpg", quality=90)
+
     def photo() -> None:  # a photo of class "black" bigger than the model's input
         draw_example(CLASSES["black"], 99, size=300, seed=7).save(work / "photo.jpg", quality=90)
 
@@ -95,6 +102,7 @@ def _makers(work: Path) -> dict[str, tuple[Path, Callable[[], None]]]:
         "models/bears": (work / "models/bears", model),
         "cleaned.csv": (work / "data/bears/cleaned.csv", cleaned),
         "photo.jpg": (work / "photo.jpg", photo),
+        "data/unsorted": (work / "data/unsorted", unsorted),
     }
 
 

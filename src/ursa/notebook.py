@@ -173,6 +173,20 @@ class NotebookLearner(_train.Learner):
         """
         return export_learner(self, dest, int8=int8, open_set_quantile=open_set_quantile, opset=opset, on_step=print if verbose else None)
 
+    def next_batch(self, pool: str | os.PathLike[str], n: int = 30, *, uncertainty: str = "margin", seed: int | None = None) -> list[dict[str, str]]:
+        """The `n` images of the folder `pool` whose labels would help this model most, best first: rows
+        {name (the file's path), guess, confidence, reason}, as `ursa next RUN --pool DIR` writes them to
+        next.csv (see `ursa.interpret.suggest`). The pool's features are computed once (progress bar) and
+        cached beside the dataset's; nothing is written into the pool."""
+        from ursa.interpret.suggest import suggest_for_learner
+        from ursa.train.callbacks import FeatureProgress
+
+        bar = FeatureProgress(enabled=self.progress, console=self.console)
+        try:
+            return suggest_for_learner(self, pool, n=n, kind=uncertainty, seed=seed, progress=bar.update).rows
+        finally:
+            bar.close()
+
 
 def vision_learner(dls: Any, arch: str = "efficientnet_lite0", **kwargs: Any) -> NotebookLearner:
     """A pretrained `arch` with a new head for `dls.classes`, frozen to start: training's `vision_learner`

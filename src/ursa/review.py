@@ -53,6 +53,11 @@ __all__ = [
     "undo_apply",
     "update_cleaned",
     "check_class_change",
+    "PoolStatus",
+    "pool_status",
+    "label_from_pool",
+    "skip_pool_image",
+    "undo_pool_image",
 ]
 
 ACTIONS = ("keep", "relabel", "delete")
@@ -373,11 +378,11 @@ def check_class_change(root: str | Path, cls: str, *, what: str = "change") -> N
         raise ReviewError(f"cannot {what} class {cls!r}: {len(named)} pending review decisions name its images ({shown}). Apply or undo them first.")
 
 
-def update_cleaned(root: str | Path, *, add: Any = (), drop_class: str | None = None, rename_class: tuple[str, str] | None = None) -> dict[str, Any] | None:
+def update_cleaned(root: str | Path, *, add: Any = (), drop: Any = (), drop_class: str | None = None, rename_class: tuple[str, str] | None = None) -> dict[str, Any] | None:
     """Keep `root/cleaned.csv` in step with a change the studio made to the class folders.
 
     `add`: (name, label) rows to append (names relative to the root; a name already listed is left as it
-    is); `drop_class`: remove the rows of a removed class (names under `<class>/`, and rows labelled with
+    is); `drop`: names whose rows are removed (an image taken out again); `drop_class`: remove the rows of a removed class (names under `<class>/`, and rows labelled with
     it); `rename_class` (old, new): rename a class's rows (the `old/` name prefix and the label). Other
     columns of the CSV are kept. Refuses (ReviewError) when pending review decisions name images of the
     class dropped or renamed (see `check_class_change`), also when there is no cleaned.csv. Returns None
@@ -407,6 +412,10 @@ def update_cleaned(root: str | Path, *, add: Any = (), drop_class: str | None = 
         rows = [r + [""] * (len(header) - len(r)) for r in table[1:] if any(c.strip() for c in r)]
         dropped: list[list[str]] = []
         renamed = 0
+        gone = set(drop)
+        if gone:
+            dropped += [[r[ni], r[li]] for r in rows if r[ni] in gone]
+            rows = [r for r in rows if r[ni] not in gone]
         if drop_class is not None:
             keep = []
             for r in rows:
@@ -455,3 +464,116 @@ def apply_decisions(root: str | Path) -> dict[str, Any]:
 def undo_apply(root: str | Path) -> dict[str, Any]:
     """Undo the last applied review of dataset `root`; see `Review.undo_apply`."""
     return Review(root).undo_apply()
+
+
+# ---- labelling images of an unlabelled pool (`ursa review DATA --run RUN --pool DIR`) ----------------
+
+
+@dataclass
+class PoolStatus:
+    """Where one pool image stands: "open", "labelled" (copied into the dataset as `name` with `label`) or "skipped"."""
+
+    status: str = "open"
+    name: str | None = None  # the copy's name relative to the dataset root
+    label: str | None = None
+    seq: int = 0  # the journal line that set this status
+
+
+def pool_status(root: str | Path) -> dict[str, PoolStatus]:
+    """Absolute pool path -> its status, folded from the journal's pool lines (op pool_label, pool_skip,
+    pool_undo); a pool image with no line is "open" (not listed)."""
+    out: dict[str, PoolStatus] = {}
+    for ln in Review(root).lines():
+        op, src = ln.get("op"), ln.get("source")
+        if not isinstance(src, str):
+            continue
+        if op == "pool_label":
+            out[src] = PoolStatus("labelled", ln.get("name"), ln.get("label"), int(ln.get("seq", 0)))
+        elif op == "pool_skip":
+            out[src] = PoolStatus("skipped", seq=int(ln.get("seq", 0)))
+        elif op == "pool_undo":
+            out[src] = PoolStatus("open", seq=int(ln.get("seq", 0)))
+    return out
+
+
+def _safe_stem(stem: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40].strip("_")
+    return keep or "image"
+
+
+def _class_folder(root: Path, label: str) -> Path:
+    """The folder a new image of class `label` goes in: `<root>/<label>`, or `<root>/<train>/<label>` when
+    the dataset is laid out as train/ and valid/ folders."""
+    from ursa.data.items import find_split_folders
+
+    folders = find_split_folders(root)
+    return root / folders[0] / label if folders else root / label
+
+
+def label_from_pool(root: str | Path, source: str | Path, label: str, *, labels: list[str]) -> dict[str, Any]:
+    """Copy pool image `source` into class `label` of dataset `root` under a name Ursa makes
+    (`<class>/pool-<stem>-<sha256[:8]><suffix>`), then write the journal line (op pool_label: source, name,
+    label, sha256) and add the row to cleaned.csv when there is one. The pool file is never moved or
+    changed; the copy is written under a hidden name and renamed, so it appears whole or not at all.
+    `labels` are the classes allowed. ReviewError when the label is not a class, the file is gone, or
+    the image is labelled already (undo first)."""
+    root, src = Path(root), Path(source)
+    if label not in labels:
+        raise ReviewError(f"label {label!r} is not a class of this dataset ({', '.join(labels)}). Pick one of them.")
+    if not src.is_file():
+        raise ReviewError(f"{src} is not there any more; it cannot be labelled. Run `ursa next` again for a fresh selection.")
+    review = Review(root)
+    with review.locked(), dataset_lock(root, "label from the pool", error=ReviewError):
+        now = pool_status(root).get(str(src))
+        if now is not None and now.status == "labelled":
+            raise ReviewError(f"{src.name} is labelled already ({now.label}, copied to {now.name}). Undo that first to label it again.")
+        digest = sha256_file(src)
+        folder = _class_folder(root, label)
+        folder.mkdir(parents=True, exist_ok=True)
+        base = f"pool-{_safe_stem(src.stem)}-{digest[:8]}"
+        dst, k = folder / f"{base}{src.suffix.lower()}", 2
+        while dst.exists():
+            dst, k = folder / f"{base}-{k}{src.suffix.lower()}", k + 1
+        tmp = folder / f".{dst.name}.copying"
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+        name = dst.relative_to(root).as_posix()
+        line = review.log.append("pool_label", source=str(src), name=name, label=label, sha256=digest)
+        update_cleaned(root, add=[(name, label)])
+        return line
+
+
+def skip_pool_image(root: str | Path, source: str | Path) -> dict[str, Any]:
+    """Record that pool image `source` was looked at and left out (op pool_skip); nothing is copied."""
+    review = Review(root)
+    with review.locked():
+        now = pool_status(root).get(str(source))
+        if now is not None and now.status == "labelled":
+            raise ReviewError(f"{Path(source).name} is labelled already ({now.label}). Undo that first to skip it.")
+        return review.log.append("pool_skip", source=str(source))
+
+
+def undo_pool_image(root: str | Path, source: str | Path) -> dict[str, Any]:
+    """Take back the labelling (or skip) of pool image `source`: its copy in the dataset is moved to the
+    quarantine (nothing is deleted) and its cleaned.csv row removed; then the journal line (op pool_undo,
+    with `to` for a moved copy). ReviewError when there is nothing to undo."""
+    root = Path(root)
+    review = Review(root)
+    with review.locked(), dataset_lock(root, "undo a pool label", error=ReviewError):
+        now = pool_status(root).get(str(source))
+        if now is None or now.status == "open":
+            raise ReviewError(f"nothing to undo for {Path(source).name}: it is neither labelled nor skipped.")
+        to = None
+        if now.status == "labelled" and now.name:
+            copy = root / now.name
+            if copy.is_file():
+                dst = QUARANTINE_DIR / now.name
+                if (root / dst).exists():
+                    dst = QUARANTINE_DIR / f"{now.name}.{now.seq}-{int(time.time())}"
+                (root / dst).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(copy, root / dst)
+                to = dst.as_posix()
+            update_cleaned(root, drop=[now.name])
+        return review.log.append("pool_undo", source=str(source), name=now.name, label=now.label, to=to, undoes=now.seq)

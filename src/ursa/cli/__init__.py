@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from ursa.cli import collect, data, export, interpret, lesson, predict, review, serve, studio, train, verify
+from ursa.cli import collect, data, export, interpret, lesson, predict, review, serve, studio, suggest, train, verify
 from ursa.cli._common import ARGV, err_console
 from ursa.errors import UrsaError
 
@@ -40,13 +40,14 @@ app.command("predict")(predict.predict_cmd)
 app.command("serve")(serve.serve_cmd)
 app.command("interpret")(interpret.interpret_cmd)
 app.command("issues")(interpret.issues_cmd)
+app.command("next")(suggest.next_cmd)
 app.command("review")(review.review_cmd)
 app.command("studio")(studio.studio_cmd)
 app.add_typer(lesson.lesson_app, name="lesson")
 
 # Commands that run PyTorch over batches, where the allocator tuning pays. Not serve or review: a server must
 # give the memory of large uploads back to the system, which the tuning (no mmap, 1 GiB trim threshold) prevents.
-_TUNED_COMMANDS = frozenset({"train", "lr-find", "show-batch", "demo", "issues", "interpret", "lesson"})
+_TUNED_COMMANDS = frozenset({"train", "lr-find", "show-batch", "demo", "issues", "interpret", "lesson", "next"})
 
 
 def _command(argv: list[str]) -> str | None:

@@ -19,6 +19,7 @@ def review_cmd(
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open a browser window.")] = False,
     apply: Annotated[bool, typer.Option("--apply", help="Apply the saved decisions: write cleaned.csv, quarantine deleted images.")] = False,
     undo: Annotated[bool, typer.Option("--undo", help="Undo the last apply: restore the dataset byte for byte.")] = False,
+    pool: Annotated[Optional[Path], typer.Option("--pool", help="Also label the picks `ursa next RUN --pool DIR` made from this folder (copied into the class folders).")] = None,
 ) -> None:
     """Review flagged images in a local web page (keep / relabel / delete, saved as you go), then apply or undo."""
     from ursa.errors import ReviewError
@@ -43,7 +44,9 @@ def review_cmd(
         return
     if run is None:
         raise ReviewError(f"pass the run to review: ursa review {data} --run runs/NAME (or --apply / --undo).")
-    if not (run / "issues.csv").is_file():
+    if pool is not None and not (run / "next.csv").is_file():
+        raise ReviewError(f"{run / 'next.csv'} is missing: pick the images to label first, with `ursa next {run} --pool {pool}`.")
+    if pool is None and not (run / "issues.csv").is_file():
         from ursa.interpret.issues import find_issues
 
         console.print(f"{run / 'issues.csv'} is missing; searching first...", highlight=False)
@@ -51,7 +54,7 @@ def review_cmd(
     from ursa.web.review_app import create_review_app
     from ursa.web.server import run as run_server
 
-    review_app = create_review_app(data, run)  # loopback only, behind the Host/Origin/JSON checks
+    review_app = create_review_app(data, run, pool=pool)  # loopback only, behind the Host/Origin/JSON checks
     url = f"http://127.0.0.1:{port}/"
     console.print(f"review page at {url}  (decisions are saved as you make them; Ctrl-C stops)", highlight=False)
     if not no_browser:

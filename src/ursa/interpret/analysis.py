@@ -52,6 +52,8 @@ class ClassificationInterpretation:
         self.preds = self.probs.argmax(1) if len(self.targets) else np.zeros(0, np.int64)
         # cross-entropy of each image under the model, in nats
         self.losses = -np.log(np.clip(self.probs[np.arange(len(self.targets)), self.targets], 1e-12, None))
+        self.run_dir: Path | None = None  # set by from_run
+        self.learn: Any = None  # set by from_learner
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -82,7 +84,9 @@ class ClassificationInterpretation:
             targets = np.array([index[r["label"]] for r in rows], dtype=np.int64)
         except (KeyError, ValueError) as exc:
             raise InterpretError(f"{pred} has a row that cannot be read ({exc}). Train again to rewrite it.") from None
-        return cls(probs, targets, classes, names=[r["name"] for r in rows], root=root)
+        interp = cls(probs, targets, classes, names=[r["name"] for r in rows], root=root)
+        interp.run_dir = run  # what `plan` reads the cached features of
+        return interp
 
     @classmethod
     def from_learner(cls, learn: Any, dl: Any = None) -> "ClassificationInterpretation":
@@ -95,13 +99,29 @@ class ClassificationInterpretation:
         probs, y = learn.get_preds(dl)
         probs, y = probs.float().numpy(), y.numpy()
         names, root = (None, None) if dl is not None else _valid_files(learn, y)
-        return cls(probs, y, learn.classes, names=names, root=root)
+        interp = cls(probs, y, learn.classes, names=names, root=root)
+        interp.learn = learn  # what `plan` reads the cached features of
+        return interp
 
     # ---- numbers ----------------------------------------------------------------------------------
     @property
     def error_rate(self) -> float:
         """Share of images predicted wrong, in [0, 1]."""
         return float((self.preds != self.targets).mean()) if len(self.targets) else float("nan")
+
+    def plan(self, target: float | None = None) -> Any:
+        """How many more images each class needs for the `target` validation error (default: half the
+        current one), from a learning curve on the cached features, and search queries for the most
+        confused pairs (`ursa.interpret.plan`; `ursa next RUN --plan`). Needs an interpretation made by
+        `from_run` (writes the run's plan.json) or `from_learner` (an image learner; writes nothing)."""
+        from ursa.interpret.plan import _plan_from_features, plan_for_run
+
+        if self.run_dir is not None:
+            return plan_for_run(self.run_dir, target=target)
+        im = getattr(self.learn, "_image", None)
+        if im is None:
+            raise InterpretError("plan() needs the cached features: make the interpretation with from_run(run_dir) or from_learner(learn) of an image learner.")
+        return _plan_from_features(self.learn.features(), self.classes, self.most_confused(1), target=target, c=im.train.c, seed=im.data.seed)
 
     def confusion_matrix(self) -> np.ndarray:
         """(n_classes, n_classes) int64 counts: row = actual class, column = predicted class."""

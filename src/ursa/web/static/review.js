@@ -144,11 +144,116 @@ function setFocus(i, scroll = true) {
   if (scroll) cards[focusIdx].scrollIntoView({ block: "nearest", behavior: "smooth" });
 }
 
+// ---- pool picks (ursa review DATA --run RUN --pool DIR): label a copy into a class, skip, undo ----
+
+function describePool(item) {
+  if (item.status === "labelled") return `labelled ${item.label} → ${item.copy}`;
+  if (item.status === "skipped") return "skipped";
+  return item.exists ? "" : "no longer in the pool";
+}
+
+function updatePoolCard(card, item) {
+  state.pool.items[item.id] = item;
+  card.classList.toggle("d-relabel", item.status === "labelled");
+  card.classList.toggle("d-keep", item.status === "skipped");
+  $(".decision", card).textContent = describePool(item);
+  for (const b of card.querySelectorAll("[data-pool-open]")) b.disabled = item.status !== "open";
+  $("[data-act='pool-undo']", card).disabled = item.status === "open";
+  updatePoolProgress();
+}
+
+function updatePoolProgress() {
+  const items = Object.values(state.pool.items);
+  const done = items.filter((x) => x.status !== "open").length;
+  const labelled = items.filter((x) => x.status === "labelled").length;
+  $("#pool-progress").textContent = `${done} of ${items.length} picks done · ${labelled} copied into the dataset`;
+}
+
+async function poolAct(card, url, body) {
+  try {
+    const res = await call("POST", url, body);
+    updatePoolCard(card, res.item);
+    showStatus("");
+  } catch (e) {
+    showStatus(e.message);
+  }
+}
+
+function renderPoolCard(item) {
+  const card = document.createElement("div");
+  card.className = "card pool";
+  card.dataset.id = item.id;
+  const img = document.createElement("img");
+  img.loading = "lazy"; img.alt = item.name; img.src = `/img/${item.id}`;
+  card.appendChild(img);
+  const name = document.createElement("div");
+  name.className = "name"; name.textContent = item.name;
+  card.appendChild(name);
+  const labels = document.createElement("div");
+  labels.className = "labels";
+  labels.innerHTML = "guess: <b></b> <span class='conf'></span>";
+  $("b", labels).textContent = item.guess;
+  $(".conf", labels).textContent = fmtPct(item.confidence);
+  card.appendChild(labels);
+  const detail = document.createElement("div");
+  detail.className = "detail"; detail.textContent = item.reason;
+  card.appendChild(detail);
+  const dec = document.createElement("div");
+  dec.className = "decision";
+  card.appendChild(dec);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  const acc = document.createElement("button");
+  acc.type = "button"; acc.textContent = `Accept: ${item.guess}`; acc.dataset.act = "pool-accept"; acc.dataset.poolOpen = "1";
+  acc.onclick = () => poolAct(card, "/api/pool/label", { id: item.id, label: item.guess });
+  actions.appendChild(acc);
+  const sel = document.createElement("select");
+  sel.setAttribute("aria-label", "pick class"); sel.dataset.poolOpen = "1";
+  sel.innerHTML = "<option value=''>pick class…</option>";
+  for (const c of state.classes) {
+    const o = document.createElement("option");
+    o.value = c; o.textContent = c;
+    sel.appendChild(o);
+  }
+  sel.onchange = () => { if (sel.value) poolAct(card, "/api/pool/label", { id: item.id, label: sel.value }); sel.value = ""; };
+  actions.appendChild(sel);
+  const skip = document.createElement("button");
+  skip.type = "button"; skip.textContent = "Skip"; skip.dataset.act = "pool-skip"; skip.dataset.poolOpen = "1";
+  skip.onclick = () => poolAct(card, "/api/pool/skip", { id: item.id });
+  actions.appendChild(skip);
+  const undo = document.createElement("button");
+  undo.type = "button"; undo.textContent = "Undo"; undo.dataset.act = "pool-undo";
+  undo.onclick = () => poolAct(card, "/api/pool/undo", { id: item.id });
+  actions.appendChild(undo);
+  card.appendChild(actions);
+  updatePoolCard(card, item);
+  return card;
+}
+
+function renderPool(main) {
+  const h = document.createElement("h2");
+  h.id = "kind-pool";
+  h.textContent = `Label next (${state.pool.ids.length})`;
+  main.appendChild(h);
+  const p = document.createElement("p");
+  p.className = "help";
+  p.textContent = `Photos from ${state.pool.dir} whose labels would help the model most. Labelling copies the photo into the class folder (the pool is not changed); undo moves the copy to .ursa/quarantine/.`;
+  main.appendChild(p);
+  const prog = document.createElement("p");
+  prog.id = "pool-progress"; prog.className = "help";
+  main.appendChild(prog);
+  const grid = document.createElement("div");
+  grid.className = "grid"; grid.dataset.kind = "pool";
+  main.appendChild(grid);
+  for (const id of state.pool.ids) grid.appendChild(renderPoolCard(state.pool.items[id]));
+}
+
 async function load() {
   state = await call("GET", "/api/state");
   const main = $("#groups");
   main.textContent = "";
   cards = [];
+  if (state.pool) renderPool(main);
   for (const g of state.kinds) {
     const h = document.createElement("h2");
     h.textContent = `${g.title} (${g.ids.length})`;
@@ -169,7 +274,7 @@ async function load() {
     }
     main.appendChild(grid);
   }
-  if (!state.kinds.length) main.innerHTML = "<p class='help'>No findings: nothing to review.</p>";
+  if (!state.kinds.length && !state.pool) main.innerHTML = "<p class='help'>No findings: nothing to review.</p>";
   $("#classkeys").textContent = state.classes.slice(0, 9).map((c, i) => `${i + 1} = ${c}`).join(" · ");
   updateProgress(state.pending);
   setFocus(Math.min(focusIdx, cards.length - 1), false);
