@@ -5,8 +5,9 @@ the cost of a backbone on a dataset is (training images x views + validation ima
 x (decode + forward time per image) plus a few seconds for the head, calibration and writing. The
 forward time is measured at the start with a quick probe of EfficientNet-Lite0 on this machine, now
 (two batches of 16 at its input side, after a warm-up), and scaled for Lite1 and Lite2 by a stored
-table of their relative cost (RELATIVE_COST, measured on a quiet CPU: it tracks their multiply-adds at
-their own input sides); decoding is timed on a few of the dataset's own images.
+table of their relative cost (RELATIVE_COST: the ratio of their floating-point operations per image at
+their own input sides, 0.77, 1.20 and 1.72 GFLOP by torch's FlopCounterMode; a stored ratio is steadier
+than timing three backbones on a busy machine); decoding is timed on a few of the dataset's own images.
 
 The choice, most accurate first (ImageNet top-1: Lite2 > Lite1 > Lite0), keeps at least the plain and
 mirrored views while a larger backbone fits, then gives Lite0 fewer views, down to one. A budget under
@@ -36,7 +37,7 @@ from ursa.train.features import views_for
 __all__ = ["ACCURACY_ORDER", "RELATIVE_COST", "OVERHEAD_S", "resolve_arch", "estimate", "probe"]
 
 ACCURACY_ORDER = ("efficientnet_lite2", "efficientnet_lite1", "efficientnet_lite0")  # most accurate first
-RELATIVE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.55, "efficientnet_lite2": 2.2}  # forward time per image vs Lite0, each at its own input side
+RELATIVE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.56, "efficientnet_lite2": 2.24}  # FLOPs per image vs Lite0, each at its own input side
 OVERHEAD_S = 3.0  # loading the backbone, fitting and calibrating the head, writing the run (seconds)
 DEFAULT_FACTOR = 1.5  # "auto" with no budget: this times the default recipe's estimate
 
