@@ -5,7 +5,7 @@ the cost of a backbone on a dataset is, per cached sample, its decode (the evalu
 plain and mirrored views and the validation images, the training augmentation for the other views)
 plus the forward pass, and a few seconds for the head, calibration and writing. The
 forward time is measured at the start with a quick probe of EfficientNet-Lite0 on this machine, now
-(two batches of 16 at its input side, after a warm-up), and scaled for Lite1 and Lite2 by a stored
+(three batches of 16 at its input side, after a warm-up), and scaled for Lite1 and Lite2 by a stored
 table of their relative cost (RELATIVE_COST: the ratio of their floating-point operations per image at
 their own input sides, 0.77, 1.20 and 1.72 GFLOP by torch's FlopCounterMode; a stored ratio is steadier
 than timing three backbones on a busy machine); decoding is timed on a few of the dataset's own images.
@@ -43,9 +43,10 @@ OVERHEAD_S = 3.0  # loading the backbone, fitting and calibrating the head, writ
 DEFAULT_FACTOR = 1.5  # "auto" with no budget: this times the default recipe's estimate
 
 
-def probe(split: Split, *, aug: Any = None, n_images: int = 8, repeats: int = 2, batch: int = 16) -> dict[str, float]:
-    """Seconds per image on this machine now: `forward` of EfficientNet-Lite0 at its input side (the fastest
-    of `repeats` timed batches of `batch` after a warm-up: other work on the machine only slows a pass),
+def probe(split: Split, *, aug: Any = None, n_images: int = 8, repeats: int = 3, batch: int = 16) -> dict[str, float]:
+    """Seconds per image on this machine now: `forward` of EfficientNet-Lite0 at its input side (the median
+    of `repeats` timed batches of `batch` after a warm-up: on a shared machine the run will see the load
+    the probe sees, and the fastest pass underestimated whole runs by 2x),
     `decode` (open + evaluation transform: the plain and mirrored views) and `augment` (open + the
     training augmentation `aug`: every other view), each the mean over up to `n_images` of the dataset's
     training images."""
@@ -78,7 +79,7 @@ def probe(split: Split, *, aug: Any = None, n_images: int = 8, repeats: int = 2,
 
     decode = timed(eval_transform(bb.data_config), eval_min_side(bb.data_config))
     augment = timed(train_transform(bb.data_config, **({"aug": aug} if aug is not None else {})), side)
-    return {"forward": min(times), "decode": decode, "augment": augment}
+    return {"forward": statistics.median(times), "decode": decode, "augment": augment}
 
 
 def _samples(split: Split, train: TrainConfig, data: DataConfig, n_views: int | None = None) -> tuple[tuple[int, int], int]:
