@@ -12,6 +12,9 @@ run, each result printed as ONE JSON line (with the CPU's flags, threads and the
   noise and flat colours. AUROC (known validation photos vs each unknown group) of the detector's
   score and of the softmax baseline (1 - top probability), the share of unknowns rejected and of
   known validation photos accepted at the stored thresholds: detector alone, softmax alone, both.
+- detector_choice: the AUROC on the held-out species of each detector Ursa could ship (k-NN cosine
+  distance with k = 1 and 5, class-conditional Mahalanobis with one shared covariance), fitted on the
+  exported model's embeddings of the known classes' training photos: why k-NN is the default.
 - explain: milliseconds per image of `Predictor.explain` (Grad-CAM through the ONNX feature map) against
   a plain `predict_image`, medians over validation photos.
 """
@@ -187,6 +190,30 @@ def open_set_part(root: Path, tmp: Path, *, held_out: list[str], seed: int) -> P
     return model_dir
 
 
+def detector_choice_part(model_dir: Path, root: Path, *, held_out: list[str]) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from ursa.export import load_model
+    from ursa.trust import OpenSetDetector
+
+    pred = load_model(model_dir)
+    index = {c: i for i, c in enumerate(pred.classes)}
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        return np.concatenate([pred.run(pred.load(p), embedding=True)[1] for p in paths])
+
+    train = [p for c in pred.classes for p in sorted((root / "training" / c).glob("*.jpg"))]
+    x_tr, y_tr = embed(train), np.array([index[p.parent.name] for p in train])
+    known = embed([p for c in pred.classes for p in sorted((root / "validation" / c).glob("*.jpg"))])
+    unknown = embed([p for c in held_out for side in ("training", "validation") for p in sorted((root / side / c).glob("*.jpg"))])
+    y = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+    auroc = {}
+    for name, kw in (("knn_k1", {"method": "knn", "k": 1}), ("knn_k5", {"method": "knn", "k": 5}), ("mahalanobis_shared", {"method": "mahalanobis"})):
+        det = OpenSetDetector.fit(x_tr, y_tr, n_classes=len(pred.classes), **kw)
+        auroc[name] = round(float(roc_auc_score(y, np.r_[det.score(known), det.score(unknown)])), 4)
+    emit("detector_choice", held_out=held_out, n_train=len(train), auroc_held_out_species=auroc, best=max(auroc, key=auroc.get))
+
+
 def explain_part(model_dir: Path, root: Path, *, n: int = 20) -> None:
     from ursa.export import load_model
 
@@ -211,7 +238,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--held-out", nargs=2, default=["n8", "n9"], help="the two species held out of training for the open-set part")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--parts", nargs="+", default=["accuracy", "open_set", "explain"])
+    ap.add_argument("--parts", nargs="+", default=["accuracy", "open_set", "detector_choice", "explain"])
     args = ap.parse_args()
     if not args.root.is_dir():
         raise SystemExit(f"dataset {args.root} not found; pass --root")
@@ -220,8 +247,10 @@ def main() -> None:
         if "accuracy" in args.parts:
             accuracy_part(args.root, tmp, shots=None, seed=args.seed)
             accuracy_part(args.root, tmp, shots=10, seed=args.seed)
-        if "open_set" in args.parts or "explain" in args.parts:
+        if {"open_set", "detector_choice", "explain"} & set(args.parts):
             model_dir = open_set_part(args.root, tmp, held_out=list(args.held_out), seed=args.seed)
+            if "detector_choice" in args.parts:
+                detector_choice_part(model_dir, args.root, held_out=list(args.held_out))
             if "explain" in args.parts:
                 explain_part(model_dir, args.root)
 

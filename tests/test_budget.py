@@ -12,7 +12,7 @@ from ursa.data.split import build_split
 from ursa.errors import TrainError
 from ursa.train import budget as bu
 
-COSTS = {"forward": 0.02, "decode": 0.005}  # seconds per image, as a probe might measure them
+COSTS = {"forward": 0.02, "decode": 0.005, "augment": 0.01}  # seconds per image, as a probe might measure them
 
 
 @pytest.fixture
@@ -23,6 +23,18 @@ def fixed_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _split(tiny_dataset: Path):  # noqa: ANN202
     return build_split(tiny_dataset, DataConfig(seed=0))
+
+
+def test_the_probe_measures_this_machine(tiny_dataset: Path) -> None:
+    costs = bu.probe(_split(tiny_dataset), repeats=1, batch=2)
+    assert set(costs) == {"forward", "decode", "augment"} and all(0 < v < 10 for v in costs.values())
+
+
+def test_augmented_views_cost_their_own_decode(tiny_dataset: Path) -> None:
+    split = _split(tiny_dataset)
+    (plain, aug), views = bu._samples(split, TrainConfig(), DataConfig())
+    assert plain == 2 * len(split.train) + 2 * len(split.valid) and aug == (views - 2) * len(split.train)
+    assert bu.estimate("efficientnet_lite0", (0, 10), COSTS) - bu.estimate("efficientnet_lite0", (10, 0), COSTS) == pytest.approx(10 * (COSTS["augment"] - COSTS["decode"]))
 
 
 def test_a_large_budget_picks_the_most_accurate_backbone(tiny_dataset: Path) -> None:

@@ -321,3 +321,13 @@ def test_serve_returns_the_heat_map_when_asked_and_refuses_it_for_an_old_export(
     r = old.post("/predict?heatmap=true", content=built.photo.read_bytes())
     assert r.status_code == 422 and "Export it again" in r.json()["detail"]
     assert 'data-explain="no"' in old.get("/").text
+
+
+def test_a_fine_tuned_run_is_not_calibrated_and_says_why() -> None:
+    import torch
+
+    from ursa.train.recipe import _trust_metrics
+
+    probs, y = torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0])
+    m = _trust_metrics(None, probs, y, fine_tuned=True)
+    assert m["temperature"] == 1.0 and m["ece"]["before"] == m["ece"]["after"] and "fine-tuned" in m["calibration_note"]

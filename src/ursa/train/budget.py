@@ -1,12 +1,14 @@
 """`--arch auto` and `--budget SECONDS`: the most accurate packaged backbone whose cached features fit a time budget.
 
 On a frozen backbone nearly all of a run's time is the feature pass (one forward per image and view), so
-the cost of a backbone on a dataset is (training images x views + validation images x evaluation views)
-x (decode + forward time per image) plus a few seconds for the head, calibration and writing. The
+the cost of a backbone on a dataset is, per cached sample, its decode (the evaluation transform for the
+plain and mirrored views and the validation images, the training augmentation for the other views)
+plus the forward pass, and a few seconds for the head, calibration and writing. The
 forward time is measured at the start with a quick probe of EfficientNet-Lite0 on this machine, now
-(two batches of 16 at its input side, after a warm-up), and scaled for Lite1 and Lite2 by a stored
-table of their relative cost (RELATIVE_COST, measured on a quiet CPU: it tracks their multiply-adds at
-their own input sides); decoding is timed on a few of the dataset's own images.
+(three batches of 16 at its input side, after a warm-up), and scaled for Lite1 and Lite2 by a stored
+table of their relative cost (RELATIVE_COST: the ratio of their floating-point operations per image at
+their own input sides, 0.77, 1.20 and 1.72 GFLOP by torch's FlopCounterMode; a stored ratio is steadier
+than timing three backbones on a busy machine); decoding is timed on a few of the dataset's own images.
 
 The choice, most accurate first (ImageNet top-1: Lite2 > Lite1 > Lite0), keeps at least the plain and
 mirrored views while a larger backbone fits, then gives Lite0 fewer views, down to one. A budget under
@@ -36,16 +38,19 @@ from ursa.train.features import views_for
 __all__ = ["ACCURACY_ORDER", "RELATIVE_COST", "OVERHEAD_S", "resolve_arch", "estimate", "probe"]
 
 ACCURACY_ORDER = ("efficientnet_lite2", "efficientnet_lite1", "efficientnet_lite0")  # most accurate first
-RELATIVE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.55, "efficientnet_lite2": 2.2}  # forward time per image vs Lite0, each at its own input side
+RELATIVE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.56, "efficientnet_lite2": 2.24}  # FLOPs per image vs Lite0, each at its own input side
 OVERHEAD_S = 3.0  # loading the backbone, fitting and calibrating the head, writing the run (seconds)
 DEFAULT_FACTOR = 1.5  # "auto" with no budget: this times the default recipe's estimate
 
 
-def probe(split: Split, *, n_images: int = 8, repeats: int = 2, batch: int = 16) -> dict[str, float]:
-    """Seconds per image on this machine now: `forward` of EfficientNet-Lite0 at its input side (the fastest
-    of `repeats` timed batches of `batch` after a warm-up: other work on the machine only slows a pass) and
-    `decode` (open + evaluation transform, the mean over up to `n_images` of the dataset's training images)."""
-    from ursa.data.transforms import eval_transform, open_image
+def probe(split: Split, *, aug: Any = None, n_images: int = 8, repeats: int = 3, batch: int = 16) -> dict[str, float]:
+    """Seconds per image on this machine now: `forward` of EfficientNet-Lite0 at its input side (the median
+    of `repeats` timed batches of `batch` after a warm-up: on a shared machine the run will see the load
+    the probe sees, and the fastest pass underestimated whole runs by 2x),
+    `decode` (open + evaluation transform: the plain and mirrored views) and `augment` (open + the
+    training augmentation `aug`: every other view), each the mean over up to `n_images` of the dataset's
+    training images."""
+    from ursa.data.transforms import eval_transform, open_image, train_transform
     from ursa.imageio import eval_min_side
     from ursa.models import create_backbone
 
@@ -59,29 +64,40 @@ def probe(split: Split, *, n_images: int = 8, repeats: int = 2, batch: int = 16)
             t = time.perf_counter()
             bb.model(x)
             times.append((time.perf_counter() - t) / len(x))
-    tf = eval_transform(bb.data_config)
-    decode: list[float] = []
-    for it in split.train[:: max(1, len(split.train) // n_images)][:n_images]:
-        t = time.perf_counter()
-        try:
-            tf(open_image(split.root / it.name, min_side=eval_min_side(bb.data_config)))
-        except BadImageError:
-            continue
-        decode.append(time.perf_counter() - t)
-    return {"forward": min(times), "decode": statistics.fmean(decode) if decode else 0.0}
+    sample = [split.root / it.name for it in split.train[:: max(1, len(split.train) // n_images)][:n_images]]
+
+    def timed(tf: Any, min_side: int) -> float:
+        took: list[float] = []
+        for path in sample:
+            t = time.perf_counter()
+            try:
+                tf(open_image(path, min_side=min_side))
+            except BadImageError:
+                continue
+            took.append(time.perf_counter() - t)
+        return statistics.fmean(took) if took else 0.0
+
+    decode = timed(eval_transform(bb.data_config), eval_min_side(bb.data_config))
+    augment = timed(train_transform(bb.data_config, **({"aug": aug} if aug is not None else {})), side)
+    return {"forward": statistics.median(times), "decode": decode, "augment": augment}
 
 
-def _samples(split: Split, train: TrainConfig, data: DataConfig, n_views: int | None = None) -> tuple[int, int]:
-    """(cached samples, train views) of a run: training images x views + validation images x evaluation views."""
+def _samples(split: Split, train: TrainConfig, data: DataConfig, n_views: int | None = None) -> tuple[tuple[int, int], int]:
+    """((plain samples, augmented samples), train views) of a run: the plain (and mirrored) views of the
+    training images and the validation images' evaluation views, then the augmented training views."""
     views = views_for(len(split.train), max_views=train.views, budget=train.view_budget, flip=data.flip)
     v = len(views) if n_views is None else n_views
+    n_plain = 2 if data.flip else 1  # the plain and mirrored views come from the evaluation transform
     eval_views = 2 if (train.tta and data.flip) else 1
-    return len(split.train) * v + len(split.valid) * eval_views, v
+    n_tr = len(split.train)
+    return (n_tr * min(v, n_plain) + len(split.valid) * eval_views, n_tr * max(0, v - n_plain)), v
 
 
-def estimate(arch: str, samples: int, costs: dict[str, float]) -> float:
-    """Seconds a run with `samples` cached feature samples takes on `arch`, from the probe's `costs`."""
-    return OVERHEAD_S + samples * (costs["decode"] + costs["forward"] * RELATIVE_COST[arch])
+def estimate(arch: str, samples: tuple[int, int], costs: dict[str, float]) -> float:
+    """Seconds a run with (plain, augmented) cached feature `samples` takes on `arch`, from the probe's `costs`."""
+    plain, augmented = samples
+    forward = costs["forward"] * RELATIVE_COST[arch]
+    return OVERHEAD_S + plain * (costs["decode"] + forward) + augmented * (costs.get("augment", costs["decode"]) + forward)
 
 
 def resolve_arch(split: Split, train: TrainConfig, data: DataConfig, *, costs: dict[str, float] | None = None) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -93,7 +109,7 @@ def resolve_arch(split: Split, train: TrainConfig, data: DataConfig, *, costs: d
             return train, None
         return train, {"seconds": train.budget, "arch": train.arch, "why": f"--arch {train.arch} was named: it wins over --budget (no probe)"}
     if dist.is_main():
-        choice = _choose(split, train, data, costs if costs is not None else probe(split))
+        choice = _choose(split, train, data, costs if costs is not None else probe(split, aug=data.aug))
     else:
         choice = None
     choice = dist.broadcast(choice)

@@ -203,7 +203,7 @@ def train_run(
         "feature_s": round(feat_s, 2),
         "wall_s": round(wall, 2),
     }
-    metrics.update(_trust_metrics(trust, probs, y))
+    metrics.update(_trust_metrics(trust, probs, y, fine_tuned=train.fine_tune > 0))
     if choice is not None:
         metrics["budget"] = choice  # what --arch auto / --budget picked, the estimates and why
     say({"type": "stage", "stage": "writing the run folder"})
@@ -229,7 +229,7 @@ def _fit_trust(fd: FeatureData, head: nn.Module, classes: list[str], train: Trai
     return fit_trust(fd, head, n_classes=len(classes), solver=train.head, c=train.c, seed=data.seed)
 
 
-def _trust_metrics(trust: Any, probs: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def _trust_metrics(trust: Any, probs: torch.Tensor, y: torch.Tensor, *, fine_tuned: bool) -> dict[str, Any]:
     """metrics.json's `temperature`, `ece` (validation, 15 bins, before and after scaling) and `open_set`.
     A fine-tuned run is not calibrated: the cached features describe the body before fine-tuning."""
     from ursa.trust import ECE_BINS, expected_calibration_error
@@ -237,7 +237,8 @@ def _trust_metrics(trust: Any, probs: torch.Tensor, y: torch.Tensor) -> dict[str
     if trust is not None:
         return dict(trust.info)
     e = round(expected_calibration_error(probs.numpy(), y.numpy()), 4)
-    return {"temperature": 1.0, "ece": {"before": e, "after": e, "bins": ECE_BINS}, "calibration_note": "not calibrated: the fine-tuned body is not the one the cached features describe"}
+    why = "not calibrated: the fine-tuned body is not the one the cached features describe" if fine_tuned else "calibrated by the process that writes the run (rank 0)"
+    return {"temperature": 1.0, "ece": {"before": e, "after": e, "bins": ECE_BINS}, "calibration_note": why}
 
 
 def _fine_tune(learn: Learner, split: Split, fd: FeatureData, train: TrainConfig, data: DataConfig, *, device: torch.device = torch.device("cpu"), runtime: dict[str, Any] | None = None) -> torch.Tensor:
