@@ -118,6 +118,7 @@ def test_python_blocks_parse() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole README in one test (training, lr_find on the network, export, ursa next): a hang guard, not a speed target
 def test_every_readme_python_line_runs(tmp_path: Path, web: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib.pyplot as plt
 
