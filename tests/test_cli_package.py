@@ -13,7 +13,7 @@ import pytest
 import typer
 
 COMMANDS = ["info", "show-batch", "lr-find", "train", "demo", "download", "search", "verify", "export", "predict", "serve",
-            "interpret", "issues", "review", "studio", "lesson"]  # fmt: skip
+            "interpret", "issues", "next", "review", "studio", "lesson"]  # fmt: skip
 
 
 def test_commands_are_listed_in_the_order_of_the_stages() -> None:
