@@ -192,6 +192,16 @@ def select(
     cluster the pick is the image with the highest uncertainty times typicality (cosine to the cluster's
     centre). Fewer than `n` picks come back when fewer distinct images are left.
     """
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS/OpenMP thread: right after torch has run (a head fit, a feature pass) its spinning worker
+    # threads and a second pool of BLAS threads fight over the cores, and these small matrices lose ~10x.
+    with threadpool_limits(1):
+        return _select(pool_emb, probs, list(classes), n=n, labelled_emb=labelled_emb, pool_hashes=pool_hashes, train_hashes=train_hashes, kind=kind, near=near, seed=seed)
+
+
+def _select(pool_emb: np.ndarray, probs: np.ndarray, classes: list[str], *, n: int, labelled_emb: np.ndarray | None, pool_hashes: Sequence[str] | None,
+            train_hashes: Sequence[str] | None, kind: str, near: float, seed: int) -> Selection:  # fmt: skip
     pool = _normalise(pool_emb)
     p = np.asarray(probs, dtype=np.float64)
     if pool.ndim != 2 or len(p) != len(pool) or p.shape[1] != len(classes):
