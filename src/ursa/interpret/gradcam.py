@@ -13,7 +13,6 @@ gives the maps; `ClassificationInterpretation.plot_top_loss_heatmaps` draws the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ursa.errors import InterpretError
+from ursa.interpret.runs import read_run
 
 __all__ = ["grad_cam", "load_run_model", "heatmap_overlays"]
 
@@ -33,11 +33,8 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     from ursa.models import Head, create_backbone
 
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.json", run / "models" / "model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise InterpretError(f"{run} is not a finished training run (needs config.json and models/model.safetensors). Pass the folder `ursa train --out` wrote.")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    rf = read_run(run_dir, weights=True, split=False)
+    cfg, weights = rf.config, rf.weights
     try:
         state = load_file(str(weights))
     except Exception as exc:  # SafetensorError and OSError

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -466,24 +465,11 @@ def find_issues(run_dir: str | Path, *, folds: int = 5, near_threshold: float = 
     Reads config.json and split.json, loads the run's cached features (computing only what is missing)
     and runs `search_issues` with the run's own validation probabilities from predictions.csv.
     """
-    from ursa.config import DataConfig, TrainConfig
-    from ursa.data.split import load_split
-    from ursa.errors import UrsaError
+    from ursa.interpret.runs import read_run
     from ursa.train.features import cached_features, prepare_backbone
 
-    run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise InterpretError(f"{run} is not a training run (no config.json). Pass a folder written by `ursa train DATA --out {run}`.")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    try:
-        split = load_split(run / "split.json")
-    except UrsaError as exc:
-        raise InterpretError(str(exc)) from None
-    if not split.root.is_dir():
-        raise InterpretError(f"the dataset of {run} ({split.root}) is not there any more. Move it back, or train again on its new location.")
-    data = DataConfig(**cfg["data"])
-    train = TrainConfig.from_dict(cfg["train"])
+    rf = read_run(run_dir)
+    run, split, data, train = rf.path, rf.split, rf.data, rf.train
     backbone = prepare_backbone(train)
     fd = cached_features(split, backbone, train, data)
     n_tr, n_va = len(fd.train_names), len(fd.valid_names)

@@ -198,25 +198,11 @@ def _queries(label: str, partners: list[tuple[str, int]], add: int) -> list[dict
 def plan_for_run(run_dir: str | Path, *, target: float | None = None, write: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Plan:
     """The plan of a training run, from its cached features (computed when missing) and its validation
     predictions; writes `plan.json` into the run folder with `write`."""
-    import json
-
-    from ursa.config import DataConfig, TrainConfig
-    from ursa.data.split import load_split
-    from ursa.errors import UrsaError
+    from ursa.interpret.runs import read_run
     from ursa.train.features import cached_features, prepare_backbone
 
-    run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise InterpretError(f"{run} is not a training run (no config.json). Pass a folder written by `ursa train DATA --out {run}`.")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    try:
-        split = load_split(run / "split.json")
-    except UrsaError as exc:
-        raise InterpretError(str(exc)) from None
-    if not split.root.is_dir():
-        raise InterpretError(f"the dataset of {run} ({split.root}) is not there any more. Move it back, or train again on its new location.")
-    data, train = DataConfig(**cfg["data"]), TrainConfig.from_dict(cfg["train"])
+    rf = read_run(run_dir)
+    run, split, data, train = rf.path, rf.split, rf.data, rf.train
     confused = _most_confused(run / "predictions.csv")
     fd = cached_features(split, prepare_backbone(train), train, data, progress=progress)
     plan = _plan_from_features(fd, split.classes, confused, target=target, c=train.c, seed=data.seed)

@@ -205,24 +205,12 @@ def suggest_next(run_dir: str | Path, pool: str | Path, *, n: int = 30, kind: st
     folder that is not a finished run. With `write`, next.csv, next.json and next.png are written into
     the run folder once everything is computed. `progress(label, done, total)` reports feature passes.
     """
-    from ursa.config import DataConfig, TrainConfig
-    from ursa.data.split import load_split
-    from ursa.errors import UrsaError
+    from ursa.interpret.runs import read_run
     from ursa.train.features import cache_dir_for, prepare_backbone
 
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.json", run / "models" / "model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise InterpretError(f"{run} is not a finished training run (needs config.json and models/model.safetensors). Pass the folder `ursa train --out` wrote.")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    try:
-        split = load_split(run / "split.json")
-    except UrsaError as exc:
-        raise InterpretError(str(exc)) from None
-    if not split.root.is_dir():
-        raise InterpretError(f"the dataset of {run} ({split.root}) is not there any more. Move it back, or train again on its new location.")
+    rf = read_run(run_dir, weights=True)
+    run, split, data, train, weights = rf.path, rf.split, rf.data, rf.train, rf.weights
     check_pool(pool, split.root)  # before the backbone loads: a wrong pool fails at once
-    data, train = DataConfig(**cfg["data"]), TrainConfig.from_dict(cfg["train"])
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="numpy") as fh:
