@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _features import default_features
 from _machine import cpu_flags
-from ursa.config import DataConfig, TrainConfig
-from ursa.data.split import build_split
 from ursa.interpret.active import calibrated_probs, select
-from ursa.train.features import cached_features, prepare_backbone
 from ursa.train.head import lbfgs_linear
 
 HERE = Path(__file__).resolve().parent
@@ -82,13 +80,7 @@ def main() -> None:
         raise SystemExit(f"dataset {args.root} not found; pass --root")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    data = DataConfig(train=args.train, valid=args.valid)
-    tcfg = TrainConfig()
-    split = build_split(args.root, data)
-    backbone = prepare_backbone(tcfg)
-    t0 = time.perf_counter()
-    fd = cached_features(split, backbone, tcfg, data)
-    features_s = time.perf_counter() - t0
+    split, fd, data, tcfg, features_s = default_features(args.root, train=args.train, valid=args.valid)
     n_tr = len(fd.train_names)
     x = fd.x_train[:n_tr].numpy()  # the plain view of every training image
     y = fd.y_train[:n_tr].numpy()

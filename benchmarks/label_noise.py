@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _features import default_features
 
-from ursa.config import DataConfig, TrainConfig
-from ursa.data.split import build_split
 from ursa.interpret.issues import search_issues
 from ursa.models import Head
-from ursa.train.features import cached_features, prepare_backbone
 from ursa.train.learner import Learner
 
 HERE = Path(__file__).resolve().parent
@@ -70,13 +68,7 @@ def main() -> None:
     if not args.root.is_dir():
         raise SystemExit(f"dataset {args.root} not found; pass --root")
 
-    data = DataConfig(train=args.train, valid=args.valid)
-    tcfg = TrainConfig()
-    split = build_split(args.root, data)
-    backbone = prepare_backbone(tcfg)
-    t0 = time.perf_counter()
-    fd = cached_features(split, backbone, tcfg, data)
-    features_s = time.perf_counter() - t0
+    split, fd, data, tcfg, features_s = default_features(args.root, train=args.train, valid=args.valid)
 
     n_tr, n_va, nv = len(fd.train_names), len(fd.valid_names), len(fd.views)
     c = len(split.classes)
