@@ -83,6 +83,7 @@ def test_demo_on_the_embedded_digits(run_cli, tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "digits" / "seven").is_dir()
     m = json.loads((tmp_path / "demo" / "runs" / "digits" / "metrics.json").read_text())
     assert len(m["classes"]) == 10 and "results:" in out
+    assert f"ursa studio {tmp_path / 'demo' / 'digits'}" in " ".join(out.split())  # the way on to the web page
 
 
 @pytest.mark.parametrize(

@@ -159,3 +159,4 @@ def demo(
     res = train_run(root, out / "runs" / "digits", data=data_cfg, train=train_cfg, console=console)
     _print_result(res)
     console.print(f"next: open {res.out}/losses.png, or try  ursa info {root}  and  ursa show-batch {root} --no-flip")
+    console.print(f"      or the whole flow in a web page:  ursa studio {root}", soft_wrap=True)  # a path a terminal can copy whole
