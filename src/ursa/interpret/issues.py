@@ -497,8 +497,6 @@ def find_issues(run_dir: str | Path, *, folds: int = 5, near_threshold: float = 
 
 def read_issues(run_dir: str | Path) -> list[dict[str, str]]:
     """The rows of `run_dir/issues.csv` as dicts of strings (columns ISSUE_COLUMNS)."""
-    path = Path(run_dir) / "issues.csv"
-    if not path.is_file():
-        raise InterpretError(f"{path} does not exist. Run `ursa issues {run_dir}` first.")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    from ursa.interpret.runs import read_run_csv
+
+    return read_run_csv(run_dir, "issues.csv", command=f"ursa issues {run_dir}")

@@ -6,6 +6,7 @@ can fail to be a usable run (not a run, unfinished, its dataset moved), each say
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from ursa.config import DataConfig, TrainConfig
 from ursa.data.split import Split, load_split
 from ursa.errors import InterpretError, UrsaError
 
-__all__ = ["RunFolder", "read_run"]
+__all__ = ["RunFolder", "read_run", "read_run_csv"]
 
 WEIGHTS = Path("models") / "model.safetensors"
 
@@ -56,3 +57,16 @@ def read_run(run_dir: str | Path, *, weights: bool = False, split: bool = True) 
         if not sp.root.is_dir():
             raise InterpretError(f"the dataset of {run} ({sp.root}) is not there any more. Move it back, or train again on its new location.")
     return RunFolder(run, cfg, DataConfig(**cfg["data"]), TrainConfig.from_dict(cfg["train"]), sp)
+
+
+def read_run_csv(run_dir: str | Path, name: str, *, command: str, columns: tuple[str, ...] | None = None) -> list[dict[str, str]]:
+    """The rows of `run_dir/name` (a CSV a stage wrote into the run) as dicts of strings, in file order.
+    InterpretError naming `command` (what writes it) when the file is missing, or lacks any of `columns`."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise InterpretError(f"{path} does not exist. Run `{command}` first.")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if columns and rows and any(c not in rows[0] for c in columns):
+        raise InterpretError(f"{path} lacks the columns {', '.join(columns)}. Run `{command}` again.")
+    return rows

@@ -286,11 +286,6 @@ def suggest_for_learner(learn: Any, pool: str | Path, *, n: int = 30, kind: str 
 
 def read_next(run_dir: str | Path) -> list[dict[str, str]]:
     """The rows of `run_dir/next.csv` (columns NEXT_COLUMNS), best first."""
-    path = Path(run_dir) / "next.csv"
-    if not path.is_file():
-        raise InterpretError(f"{path} does not exist. Run `ursa next {run_dir} --pool DIR` first.")
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and any(c not in rows[0] for c in NEXT_COLUMNS):
-        raise InterpretError(f"{path} lacks the columns {', '.join(NEXT_COLUMNS)}. Run `ursa next {run_dir} --pool DIR` again.")
-    return rows
+    from ursa.interpret.runs import read_run_csv
+
+    return read_run_csv(run_dir, "next.csv", command=f"ursa next {run_dir} --pool DIR", columns=NEXT_COLUMNS)
